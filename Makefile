@@ -1,0 +1,42 @@
+# The two set-up commands for a fresh machine are `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xlk-built
+SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cpu/*.h) setup.py
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+PYTEST_ARGS ?=
+
+.PHONY: build test demo cuda-check cmake-check bench clean
+
+$(STAMP): $(SOURCES) requirements.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh
+	touch $@
+
+build: $(STAMP)
+
+# Tests run the triton kernels in the interpreter unless a GPU is present.
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/xlkernels demo
+
+# Compile every torch-free .cu with nvcc for each target arch (no GPU needed).
+cuda-check:
+	@set -e; out=$$(mktemp -d); for f in csrc/cuda/*.cu; do for a in $(CUDA_ARCHS); do \
+	  echo "nvcc sm_$$a $$f"; $(NVCC) -std=c++17 -O3 -c $$f -o $$out/$$(basename $$f).$$a.o \
+	    -gencode arch=compute_$$a,code=sm_$$a -Xcompiler -Wall -Werror all-warnings; done; done; rm -rf $$out
+
+# Second build path: CMake with find_package(Torch); then load the library and run an op.
+cmake-check: $(STAMP)
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$(PY) >/dev/null
+	cmake --build build/cmake -j2
+	$(PY) scripts/check_cmake_build.py build/cmake
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf build dist *.egg-info xlkernels/*.so $(VENV)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv and build xlkernels into it.
+# - Where torch is already installed (the GPU machine, no registry): reuse it via --system-site-packages.
+# - Elsewhere: pin the CPU build torch==2.13.0 and install the rest from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [[ ! -x $VENV/bin/python ]]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+VPY=$VENV/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q torch==2.13.0
+fi
+if [[ ${XLKERNELS_OFFLINE:-0} != 1 ]] && "$VPY" -m pip download -q --no-deps -d /tmp/xlk-probe pip >/dev/null 2>&1; then
+  "$VPY" -m pip install -q -r requirements.txt
+fi
+"$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+"$VPY" -c "import xlkernels, sys; sys.exit(0 if xlkernels.ext_info()['cpu'] else 1)" || { echo "xlkernels._C (CPU) failed to build" >&2; exit 1; }

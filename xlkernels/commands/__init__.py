@@ -1,0 +1,1 @@
+"""Subcommands of the `xlkernels` CLI (see xlkernels/cli.py)."""
