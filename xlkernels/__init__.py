@@ -32,7 +32,11 @@ def __getattr__(name):
 def load_ops() -> None:
     """Import every op module so each registers its torch.library ops and backends."""
     for mod in ("neuron_stats", "glu", "head_steer", "steered_attention"):
-        importlib.import_module(f"xlkernels.ops.{mod}")
+        try:
+            importlib.import_module(f"xlkernels.ops.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"xlkernels.ops.{mod}":
+                raise
 
 
 __all__ = ["BACKENDS", "BackendUnavailable", "backend", "ext_info", "load_ops", "__version__", *_LAZY]
