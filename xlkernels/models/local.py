@@ -1,0 +1,72 @@
+"""Load a model and tokenizer from a local directory or a .gguf file. Never touches the network."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+NO_NETWORK = ("xlkernels never downloads models (no network is used). Pass a local directory holding "
+              "config.json, the weights and the tokenizer files (e.g. fetched beforehand with "
+              "`huggingface-cli download ID --local-dir DIR`), or a .gguf file; omit the path to use "
+              "the embedded default model (Gemma-3-270M).")
+
+
+def _resolve(path):
+    """-> (directory, gguf file name or None)."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"model path {str(p)!r} is a file but not a .gguf file; pass a model directory "
+                             "or a .gguf file")
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, None
+        ggufs = sorted(q.name for q in p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0]
+        what = f"several .gguf files ({', '.join(ggufs)}); pass one of them" if ggufs else \
+            "no config.json and no .gguf file"
+        raise ValueError(f"model directory {str(p)!r} has {what}")
+    raise FileNotFoundError(f"model path {str(path)!r} does not exist. {NO_NETWORK}")
+
+
+def prepare_tokenizer(tok):
+    """Make a tokenizer batch-ready: a pad token (eos if none, as MEXA does)."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokenizer=True):
+    """(model, tokenizer) from a local model directory or a .gguf file (dequantized to `dtype`).
+
+    Only local files are read (local_files_only=True); a hub id raises FileNotFoundError explaining how
+    to pass a local path. `device_map` (e.g. "auto", needs accelerate) overrides `device`.
+    The model is returned in eval mode; the tokenizer gets a pad token (eos) if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory, gguf = _resolve(path)
+    kw = {"local_files_only": True}
+    if gguf:
+        kw["gguf_file"] = gguf
+        print(f"xlkernels: dequantizing {directory / gguf} (slow; save it with save_pretrained to reload fast)",
+              file=sys.stderr)
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(directory, **kw)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"no usable tokenizer in {str(directory)!r} ({e}); save one there with "
+                             "tokenizer.save_pretrained(dir)") from e
+        prepare_tokenizer(tok)
+    mkw = dict(kw, dtype=dtype)
+    if device_map is not None:
+        mkw["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(directory, **mkw)
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return model, tok
