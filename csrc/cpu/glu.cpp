@@ -1,0 +1,318 @@
+// xlkernels::glu_fwd / glu_fwd_stats / glu_bwd: out = (act(gate) * mul + add) * up with optional fused neuron
+// stats of act(gate) (pre-intervention) and a dense intervention mul/add of shape (I,) or (G, I) (per group;
+// rows with id -1 are left untouched by a per-group one). act = silu | gelu_tanh, computed in fp32.
+// CPU: the stats variant gives each task a disjoint neuron block over all rows (no atomics); the others split rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+
+TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation, Tensor? group_ids, Tensor? mul, Tensor? add) -> Tensor");
+  m.def(
+      "glu_fwd_stats(Tensor gate, Tensor up, str activation, Tensor group_ids, Tensor? mul, Tensor? add, "
+      "Tensor(a!) tokens, Tensor(b!) positive, Tensor(c!) sum, Tensor(d!) sum_sq, Tensor(e!) max) -> Tensor");
+  m.def(
+      "glu_bwd(Tensor grad_out, Tensor gate, Tensor up, str activation, Tensor? group_ids, Tensor? mul, "
+      "Tensor? add) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluC = 0.044715f;
+
+// exp(x) for x in float range: 2^round(x*log2e) * poly(2^f); branch-free so the loops vectorize. NaN in -> garbage
+// out, but every caller multiplies by x, so NaN still propagates.
+inline float xexp(float x) {
+  x = std::min(std::max(x, -87.0f), 87.0f);
+  const float t = x * 1.4426950408889634f;
+  const int i = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float f = t - static_cast<float>(i);
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (i + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// s = sigmoid of the activation's inner argument: silu(x) = x*s(x); gelu_tanh(x) = x*s(2u), u = k(x + c x^3).
+template <int ACT>
+inline float sig(float x) {
+  if (ACT == 0) return 1.f / (1.f + xexp(-x));
+  const float u = kGeluK * (x + kGeluC * x * x * x);
+  return 1.f / (1.f + xexp(-2.f * u));
+}
+
+template <int ACT>
+inline float dact(float x, float s) {
+  if (ACT == 0) return s * (1.f + x * (1.f - s));
+  return s + 2.f * x * s * (1.f - s) * kGeluK * (1.f + 3.f * kGeluC * x * x);
+}
+
+struct Args {
+  int64_t n = 0, nn = 0;
+  const int64_t* ids = nullptr;
+  const float* mul = nullptr;
+  const float* add = nullptr;
+  bool per_group = false;
+  int64_t* pos = nullptr;
+  double* sum = nullptr;
+  double* sq = nullptr;
+  float* mx = nullptr;
+  // mul/add rows for group g (nullptr: identity)
+  const float* mrow(int64_t g) const { return !mul ? nullptr : per_group ? (g >= 0 ? mul + g * nn : nullptr) : mul; }
+  const float* arow(int64_t g) const { return !mul ? nullptr : per_group ? (g >= 0 ? add + g * nn : nullptr) : add; }
+};
+
+template <typename T, int ACT, bool STATS>
+void fwd_rows(const T* gate, const T* up, T* out, const Args& a, int64_t r0, int64_t r1, int64_t j0, int64_t w) {
+  float v[kBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t g = a.ids ? a.ids[r] : -1, off = r * a.nn + j0;
+    const T* __restrict__ x = gate + off;
+    const T* __restrict__ u = up + off;
+    T* __restrict__ y = out + off;
+    for (int64_t j = 0; j < w; ++j) {
+      const float xf = static_cast<float>(x[j]);
+      v[j] = xf * sig<ACT>(xf);
+    }
+    if (STATS && g >= 0) {
+      const int64_t o = g * a.nn + j0;
+      int64_t* __restrict__ p = a.pos + o;
+      double* __restrict__ s = a.sum + o;
+      double* __restrict__ q = a.sq + o;
+      float* __restrict__ m = a.mx + o;
+      for (int64_t j = 0; j < w; ++j) p[j] += v[j] > 0.f ? 1 : 0;
+      for (int64_t j = 0; j < w; ++j) {
+        const double d = v[j];
+        s[j] += d;
+        q[j] += d * d;
+      }
+      for (int64_t j = 0; j < w; ++j) m[j] = (v[j] > m[j] || v[j] != v[j]) ? v[j] : m[j];
+    }
+    const float* __restrict__ mm = a.mrow(g);
+    if (mm) {
+      const float* __restrict__ ad = a.arow(g) + j0;
+      mm += j0;
+      for (int64_t j = 0; j < w; ++j) y[j] = static_cast<T>((v[j] * mm[j] + ad[j]) * static_cast<float>(u[j]));
+    } else {
+      for (int64_t j = 0; j < w; ++j) y[j] = static_cast<T>(v[j] * static_cast<float>(u[j]));
+    }
+  }
+}
+
+template <typename T, int ACT, bool STATS>
+void fwd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out, const Args& a) {
+  const T* g = reinterpret_cast<const T*>(gate.const_data_ptr());
+  const T* u = reinterpret_cast<const T*>(up.const_data_ptr());
+  T* y = reinterpret_cast<T*>(out.mutable_data_ptr());
+  const int64_t blocks = (a.nn + kBlock - 1) / kBlock;
+  if (STATS) {  // neuron blocks own their stats: no atomics
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        fwd_rows<T, ACT, true>(g, u, y, a, 0, a.n, b * kBlock, std::min(kBlock, a.nn - b * kBlock));
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 32768 / a.nn);
+    at::parallel_for(0, a.n, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = 0; b < blocks; ++b)
+        fwd_rows<T, ACT, false>(g, u, y, a, r0, r1, b * kBlock, std::min(kBlock, a.nn - b * kBlock));
+    });
+  }
+}
+
+template <typename T, int ACT>
+void bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& dgate,
+         const at::Tensor& dup, const Args& a) {
+  const T* go = reinterpret_cast<const T*>(dout.const_data_ptr());
+  const T* gp = reinterpret_cast<const T*>(gate.const_data_ptr());
+  const T* up_ = reinterpret_cast<const T*>(up.const_data_ptr());
+  T* dg = reinterpret_cast<T*>(dgate.mutable_data_ptr());
+  T* du = reinterpret_cast<T*>(dup.mutable_data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.nn);
+  at::parallel_for(0, a.n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = a.ids ? a.ids[r] : -1, off = r * a.nn;
+      const float* __restrict__ mm = a.mrow(g);
+      const float* __restrict__ ad = a.arow(g);
+      const T* __restrict__ o = go + off;
+      const T* __restrict__ x = gp + off;
+      const T* __restrict__ u = up_ + off;
+      T* __restrict__ dx = dg + off;
+      T* __restrict__ dy = du + off;
+      for (int64_t j = 0; j < a.nn; ++j) {
+        const float xf = static_cast<float>(x[j]), of = static_cast<float>(o[j]), uf = static_cast<float>(u[j]);
+        const float s = sig<ACT>(xf);
+        const float m = mm ? mm[j] : 1.f, b = ad ? ad[j] : 0.f;
+        dy[j] = static_cast<T>(of * (xf * s * m + b));
+        dx[j] = static_cast<T>(of * uf * m * dact<ACT>(xf, s));
+      }
+    }
+  });
+}
+
+int parse_act(const std::string& s) {
+  if (s == "silu") return 0;
+  if (s == "gelu_tanh") return 1;
+  TORCH_CHECK(false, "glu: activation must be 'silu' or 'gelu_tanh', got '", s, "'");
+  return -1;
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& gate, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "glu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == gate.sizes(), "glu: ", name, " must have shape ", gate.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == gate.scalar_type(), "glu: ", name, " must have dtype ", gate.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
+}
+
+Args make_args(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& group_ids,
+               const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add, int64_t groups) {
+  TORCH_CHECK(gate.dim() == 2, "glu: gate must be (N, I), got ", gate.sizes());
+  TORCH_CHECK(gate.device().is_cpu() && gate.is_contiguous(), "glu: gate must be a contiguous CPU tensor");
+  const auto st = gate.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "glu: gate must be float32/float16/bfloat16, got ", st);
+  check_same(up, gate, "up");
+  Args a;
+  a.n = gate.size(0);
+  a.nn = gate.size(1);
+  if (group_ids.has_value()) {
+    const at::Tensor& ids = *group_ids;
+    TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.size(0) == a.n &&
+                    ids.is_contiguous(),
+                "glu: group_ids must be a contiguous int64 CPU tensor of shape (", a.n, ",)");
+    a.ids = ids.const_data_ptr<int64_t>();
+  }
+  TORCH_CHECK(mul.has_value() == add.has_value(), "glu: mul and add must be given together");
+  if (mul.has_value()) {
+    const at::Tensor &m = *mul, &b = *add;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.is_contiguous() &&
+                    (m.dim() == 1 || m.dim() == 2) && m.size(-1) == a.nn,
+                "glu: mul must be a contiguous float32 CPU tensor of shape (I,) or (G, I) with I = ", a.nn);
+    TORCH_CHECK(b.sizes() == m.sizes() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.device().is_cpu(),
+                "glu: add must match mul (float32, contiguous, shape ", m.sizes(), ")");
+    a.mul = m.const_data_ptr<float>();
+    a.add = b.const_data_ptr<float>();
+    a.per_group = m.dim() == 2;
+    if (a.per_group) {
+      TORCH_CHECK(a.ids, "glu: group_ids is required for a per-group (G, I) intervention");
+      groups = groups < 0 ? m.size(0) : groups;
+      TORCH_CHECK(m.size(0) == groups, "glu: mul has ", m.size(0), " groups, stats have ", groups);
+    }
+  }
+  if (a.ids && groups >= 0) {
+    for (int64_t r = 0; r < a.n; ++r)
+      TORCH_CHECK(a.ids[r] >= -1 && a.ids[r] < groups, "glu: group_ids holds ", a.ids[r], ", outside [-1, ", groups,
+                  ")");
+  }
+  return a;
+}
+
+template <bool STATS>
+void dispatch_fwd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out, int act, const Args& a) {
+  if (a.n == 0 || a.nn == 0) return;
+  const auto st = gate.scalar_type();
+#define XLK_GLU_FWD(T)                                 \
+  if (act == 0) fwd<T, 0, STATS>(gate, up, out, a);    \
+  else fwd<T, 1, STATS>(gate, up, out, a);
+  if (st == at::kFloat) {
+    XLK_GLU_FWD(float)
+  } else if (st == at::kHalf) {
+    XLK_GLU_FWD(c10::Half)
+  } else {
+    XLK_GLU_FWD(c10::BFloat16)
+  }
+#undef XLK_GLU_FWD
+}
+
+at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+                       const std::optional<at::Tensor>& group_ids, const std::optional<at::Tensor>& mul,
+                       const std::optional<at::Tensor>& add) {
+  const int act = parse_act(std::string(activation));
+  Args a = make_args(gate, up, group_ids, mul, add, -1);
+  at::Tensor out = at::empty_like(gate);
+  dispatch_fwd<false>(gate, up, out, act, a);
+  return out;
+}
+
+void check_stat(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "glu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, "glu: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "glu: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
+}
+
+at::Tensor glu_fwd_stats_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+                             const at::Tensor& group_ids, const std::optional<at::Tensor>& mul,
+                             const std::optional<at::Tensor>& add, const at::Tensor& tokens,
+                             const at::Tensor& positive, const at::Tensor& sum, const at::Tensor& sum_sq,
+                             const at::Tensor& max) {
+  const int act = parse_act(std::string(activation));
+  const int64_t groups = tokens.numel();
+  Args a = make_args(gate, up, group_ids, mul, add, groups);
+  check_stat(tokens, "tokens", at::kLong, {groups});
+  check_stat(positive, "positive", at::kLong, {groups, a.nn});
+  check_stat(sum, "sum", at::kDouble, {groups, a.nn});
+  check_stat(sum_sq, "sum_sq", at::kDouble, {groups, a.nn});
+  check_stat(max, "max", at::kFloat, {groups, a.nn});
+  int64_t* tok = tokens.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < a.n; ++r)
+    if (a.ids[r] >= 0) tok[a.ids[r]] += 1;
+  a.pos = positive.mutable_data_ptr<int64_t>();
+  a.sum = sum.mutable_data_ptr<double>();
+  a.sq = sum_sq.mutable_data_ptr<double>();
+  a.mx = max.mutable_data_ptr<float>();
+  at::Tensor out = at::empty_like(gate);
+  dispatch_fwd<true>(gate, up, out, act, a);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
+                                               const at::Tensor& up, c10::string_view activation,
+                                               const std::optional<at::Tensor>& group_ids,
+                                               const std::optional<at::Tensor>& mul,
+                                               const std::optional<at::Tensor>& add) {
+  const int act = parse_act(std::string(activation));
+  Args a = make_args(gate, up, group_ids, mul, add, -1);
+  check_same(grad_out, gate, "grad_out");
+  at::Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
+  if (a.n == 0 || a.nn == 0) return {dgate, dup};
+  const auto st = gate.scalar_type();
+#define XLK_GLU_BWD(T)                                      \
+  if (act == 0) bwd<T, 0>(grad_out, gate, up, dgate, dup, a); \
+  else bwd<T, 1>(grad_out, gate, up, dgate, dup, a);
+  if (st == at::kFloat) {
+    XLK_GLU_BWD(float)
+  } else if (st == at::kHalf) {
+    XLK_GLU_BWD(c10::Half)
+  } else {
+    XLK_GLU_BWD(c10::BFloat16)
+  }
+#undef XLK_GLU_BWD
+  return {dgate, dup};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlkernels, CPU, m) {
+  m.impl("glu_fwd", &glu_fwd_cpu);
+  m.impl("glu_fwd_stats", &glu_fwd_stats_cpu);
+  m.impl("glu_bwd", &glu_bwd_cpu);
+}
