@@ -128,3 +128,112 @@ def test_lambda_sweep_edges():
     assert N.classify(P_LNA, top_rate=1.0, activation_bar_ratio=0.5).lam == 0.0
     with pytest.raises(ValueError, match="lam"):
         N.classify(P_LNA, lam="big")
+
+
+# ---------------------------------------------------------------------------------------------- corpus stats
+
+CORPUS = {
+    "en": ["The cat sat on the mat.", "Open the file", "Save changes?", "Delete this user permanently"],
+    "de": ["Die Katze saß auf der Matte.", "Datei öffnen", "Änderungen speichern?"],
+    "fr": ["Le chat était assis sur le tapis.", "Ouvrir le fichier", "Enregistrer les modifications ?",
+           "Supprimer cet utilisateur", "Oui"],
+}
+
+
+def _hook_counts(model, rows_per_lang, num_layers):
+    """Slow reference: one pass per row (batch of one, no padding), forward hook on mlp.act_fn counting act > 0."""
+    layers = model.model.layers
+    K = len(rows_per_lang)
+    I = layers[0].mlp.down_proj.in_features
+    pos = torch.zeros(num_layers, K, I, dtype=torch.long)
+    tot = torch.zeros(num_layers, K, dtype=torch.float64)
+    sums = torch.zeros(num_layers, K, I, dtype=torch.float64)
+    toks = torch.zeros(K, dtype=torch.long)
+    cur = {}
+
+    def hook(layer):
+        def fn(mod, inp, out):
+            a = out.detach().reshape(-1, out.shape[-1])
+            pos[layer, cur["k"]] += (a > 0).sum(0)
+            sums[layer, cur["k"]] += a.double().sum(0)
+        return fn
+
+    hs = [layers[i].mlp.act_fn.register_forward_hook(hook(i)) for i in range(num_layers)]
+    try:
+        with torch.no_grad():
+            for k, rows in enumerate(rows_per_lang):
+                cur["k"] = k
+                for ids in rows:
+                    model(input_ids=torch.tensor([ids]), use_cache=False)
+                    toks[k] += len(ids)
+    finally:
+        for h in hs:
+            h.remove()
+    return pos, toks, sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_collect_stats_vs_hook_reference(arch):
+    import xlkernels
+    from xlkernels.models import tiny_model
+    ref_model, tok = tiny_model(arch, seed=3)
+    rows = [[tok(t, truncation=True, max_length=12)["input_ids"] for t in texts] for texts in CORPUS.values()]
+    pos, toks, sums = _hook_counts(ref_model, rows, ref_model.config.num_hidden_layers)
+    model, tok = tiny_model(arch, seed=3)
+    st = xlkernels.patch(model)
+    stats = N.collect_stats(st, tok, CORPUS, batch_size=3, max_length=12, progress=False)
+    L, K, I = stats.positive.shape
+    assert (L, K) == (model.config.num_hidden_layers, 3)
+    assert torch.equal(stats.tokens, toks.expand(L, K))
+    assert torch.equal(stats.positive, pos)
+    assert torch.allclose(stats.sum, sums, rtol=1e-4, atol=1e-4)
+    # the batches really mix languages and pad
+    b = next(N.text_batches(tok, CORPUS, 3, 12))[2]
+    assert set(b.unique().tolist()) == {-1, 0, 1, 2}
+    # accumulate: a second call adds up
+    again = N.collect_stats(st, tok, CORPUS, batch_size=5, max_length=12, progress=False, stats=stats.clone())
+    assert torch.equal(again.positive, 2 * pos)
+
+
+def test_collect_stats_packing_vs_hook_reference():
+    import xlkernels
+    from xlkernels.models import tiny_model
+    ref_model, tok = tiny_model("llama", seed=4)
+    T = 16
+    rows = []
+    for texts in CORPUS.values():
+        flat = [i for t in texts for i in tok(t)["input_ids"]]
+        rows.append([flat[s:s + T] for s in range(0, len(flat) // T * T, T)])   # tail dropped, as LAPE
+    pos, toks, _ = _hook_counts(ref_model, rows, 2)
+    model, tok = tiny_model("llama", seed=4)
+    stats = N.collect_stats(xlkernels.patch(model), tok, CORPUS, batch_size=2, max_length=T, packing=True,
+                            progress=False)
+    assert torch.equal(stats.tokens[0], toks) and toks.min() > 0 and (toks % T == 0).all()
+    assert torch.equal(stats.positive, pos)
+
+
+def test_collect_stats_then_lape_end_to_end():
+    import xlkernels
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("qwen2", seed=1)
+    stats = N.collect_stats(model, tok, CORPUS, batch_size=4, max_length=32, progress=False)
+    assert xlkernels.patch(model) is not None
+    p = N.activation_probs(stats)
+    assert p.shape == (2, 128, 3) and float(p.max()) <= 1.0
+    expect = stats.positive.double() / stats.tokens.double().unsqueeze(-1)
+    assert torch.equal(p, expect.transpose(1, 2))
+    r = N.lape(p, top_rate=0.05)
+    assert int(r.selected.sum()) == round(0.05 * 256)
+    c = N.classify(p, top_rate=0.05)
+    assert c.appear[3] == 0 or c.lam == 0.0
+
+
+def test_collect_stats_bad_input():
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="corpus"):
+        N.collect_stats(model, tok, {}, progress=False)
+    with pytest.raises(TypeError, match="corpus"):
+        N.collect_stats(model, tok, {"en": "not a list"}, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        N.collect_stats(model, tok, CORPUS, batch_size=0, progress=False)

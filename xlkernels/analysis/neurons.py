@@ -29,13 +29,13 @@ def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _check_corpus(corpus, name="corpus"):
+def _check_corpus(corpus, name="corpus", allow_empty=False):
     if not isinstance(corpus, dict) or not corpus:
         raise ValueError(f"{name} must be a non-empty dict {{language: list of texts}}")
     for lang, texts in corpus.items():
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"{name}[{lang!r}] must be a list of strings")
-        if not texts:
+        if not texts and not allow_empty:
             raise ValueError(f"{name}[{lang!r}] is empty")
 
 
@@ -57,12 +57,19 @@ def _pad_id(tokenizer) -> int:
     return int(pid)
 
 
-def text_batches(tokenizer, corpus: dict, batch_size: int, max_length: int):
+def _batch_starts(n: int, batch_size: int, shard):
+    rank, world = shard
+    return list(range(0, n, batch_size))[rank::world]
+
+
+def text_batches(tokenizer, corpus: dict, batch_size: int, max_length: int, shard=(0, 1)):
     """Yield (input_ids, attention_mask, group_ids) (B,T) batches mixing languages; right padding, so every
-    text sees the same positions as in a batch of one; group_ids = language id, -1 on padding."""
+    text sees the same positions as in a batch of one; group_ids = language id, -1 on padding.
+    shard=(rank, world): only every world-th batch, from the rank-th (data parallel: same batches as one
+    process, so the statistics add up to exactly the single-process ones)."""
     pairs = _interleave(corpus)
     pad = _pad_id(tokenizer)
-    for s in range(0, len(pairs), batch_size):
+    for s in _batch_starts(len(pairs), batch_size, shard):
         chunk = pairs[s:s + batch_size]
         ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for _, t in chunk]
         T = max(len(x) for x in ids)
@@ -76,7 +83,7 @@ def text_batches(tokenizer, corpus: dict, batch_size: int, max_length: int):
         yield input_ids, mask, groups
 
 
-def packed_batches(tokenizer, corpus: dict, batch_size: int, max_length: int):
+def packed_batches(tokenizer, corpus: dict, batch_size: int, max_length: int, shard=(0, 1)):
     """LAPE-style packing: per language, concatenate the tokenized texts and cut them into rows of
     `max_length` tokens (the tail is dropped, unless a language has less than one row)."""
     per_lang = []
@@ -86,7 +93,7 @@ def packed_batches(tokenizer, corpus: dict, batch_size: int, max_length: int):
         per_lang.append([flat[s:s + max_length] for s in range(0, n, max_length)])
     rows = [(k, r) for k, r in _interleave(dict(enumerate(per_lang)))]
     pad = _pad_id(tokenizer)
-    for s in range(0, len(rows), batch_size):
+    for s in _batch_starts(len(rows), batch_size, shard):
         chunk = rows[s:s + batch_size]
         T = max(len(x) for _, x in chunk)
         input_ids = torch.full((len(chunk), T), pad, dtype=torch.long)
@@ -99,10 +106,10 @@ def packed_batches(tokenizer, corpus: dict, batch_size: int, max_length: int):
         yield input_ids, mask, groups
 
 
-def _num_batches(corpus, batch_size, tokenizer=None, packing=False, max_length=None):
+def _num_batches(corpus, batch_size, packing=False, shard=(0, 1)):
     if packing:
         return None
-    return math.ceil(sum(len(t) for t in corpus.values()) / batch_size)
+    return len(_batch_starts(sum(len(t) for t in corpus.values()), batch_size, shard))
 
 
 def _progress(it, total, desc, enabled):
@@ -114,7 +121,7 @@ def _progress(it, total, desc, enabled):
 
 @torch.no_grad()
 def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8, max_length: int = 256,
-                  progress: bool = True, packing: bool = False, stats=None):
+                  progress: bool = True, packing: bool = False, stats=None, shard=(0, 1)):
     """Per-language FFN activation statistics over `corpus` ({language: texts}) in one stream.
 
     Returns a NeuronStats with fields (L, K, I) (K = len(corpus), in the dict's order); `positive` holds LAPE's
@@ -129,18 +136,16 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
     dev = _input_device(model)
     K = len(corpus)
     make = packed_batches if packing else text_batches
-    batches = make(tokenizer, corpus, batch_size, max_length)
-    for input_ids, mask, groups in _progress(batches, _num_batches(corpus, batch_size, packing=packing),
+    batches = make(tokenizer, corpus, batch_size, max_length, shard=shard)
+    for input_ids, mask, groups in _progress(batches, _num_batches(corpus, batch_size, packing, shard),
                                               "neuron stats", progress):
         with steerer.record_neurons(groups.to(dev), K, stats=stats) as st:
             model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
         stats = st
+    if stats is None:  # no batch on this shard
+        import xlkernels
+        stats = xlkernels.NeuronStats.empty(K, steerer.num_neurons, layers=steerer.num_layers)
     return stats
-
-
-def shard_corpus(corpus: dict, rank: int, world_size: int) -> dict:
-    """Every `world_size`-th text of each language, starting at `rank` (languages with no text kept empty)."""
-    return {lang: texts[rank::world_size] for lang, texts in corpus.items()}
 
 
 # ---------------------------------------------------------------------------------------------- probabilities

@@ -1,0 +1,211 @@
+"""`xlkernels neurons`: per-language FFN neuron statistics, LAPE language-specific neurons, the
+specific/related/general classification (lambda auto-sweep) and, optionally, LAPE's deactivation matrix."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+HELP = ("find language neurons: per-language activation statistics in one pass, LAPE language-specific "
+        "neurons, specific/related/general classes and the deactivation (loss change) matrix")
+EXAMPLES = """\
+  xlkernels neurons                                   # embedded Gemma-3-270M, embedded parallel corpus
+  xlkernels neurons --langs en,de,fr,ja --n 300 --deactivate --out runs/neurons
+  xlkernels neurons --model ~/models/Qwen2.5-0.5B --texts en=wiki.en.txt --texts de=wiki.de.txt --packing
+  xlkernels neurons --tiny llama --n 20 --no-progress   # random tiny model (smoke test)
+outputs in --out: summary.json, stats.safetensors (NeuronStats, fields (L, K, I)), neurons.safetensors
+(lape.<lang>.<layer>, specific.*, related.*, general.all.<layer>: neuron ids), neurons.png
+"""
+
+
+def add_model_arguments(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH", help="local HF model directory or .gguf file")
+    g.add_argument("--tiny", default=None, metavar="ARCH", help="random tiny model of ARCH (llama, gemma3, ...)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
+                   "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
+    d.add_argument("--n", type=int, default=200, help="texts per language for the statistics (default 200)")
+    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
+                   help="use your own texts for LANG (JSONL/TSV/plain, repeatable; replaces the embedded corpus)")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--packing", action="store_true", help="LAPE packing: concatenate each language's tokens "
+                   "and cut rows of --max-length")
+    a = p.add_argument_group("identification")
+    a.add_argument("--top-rate", type=float, default=0.01, help="fraction of all neurons selected (LAPE: 0.01)")
+    a.add_argument("--bar", type=float, default=0.95, help="activation bar quantile (0.95)")
+    a.add_argument("--lam", default="auto", help="lambda of the classification score, or 'auto' (sweep)")
+    a.add_argument("--deactivate", action="store_true", help="also compute the K x K deactivation matrix")
+    a.add_argument("--eval-n", type=int, default=50, help="held-out texts per language for --deactivate")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="xlk_neurons", help="output directory (default ./xlk_neurons)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_model_from_args(args, progress=True):
+    """(model, tokenizer, name) from --model / --tiny / the embedded default."""
+    from xlkernels import models
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        model, tok = models.tiny_model(args.tiny, dtype=dtype)
+        return model.to(device), tok, f"tiny-{args.tiny}"
+    if args.model:
+        model, tok = models.load_model(os.path.expanduser(args.model), dtype=dtype, device=device)
+        return model, tok, os.path.basename(os.path.normpath(args.model))
+    model, tok = models.load_default(dtype=dtype, device=device, progress=progress)
+    return model, tok, models.DEFAULT_NAME
+
+
+def load_corpus(args, n_total):
+    """{lang: texts} from --texts files or the embedded parallel corpus (n_total texts per language)."""
+    from xlkernels.analysis.data import load_texts, parallel_corpus
+    if args.texts:
+        corpus = {}
+        for spec in args.texts:
+            if "=" not in spec:
+                raise ValueError(f"--texts must be LANG=FILE, got {spec!r}")
+            lang, path = spec.split("=", 1)
+            texts = load_texts(os.path.expanduser(path), lang=lang)
+            corpus[lang] = list(texts)[:n_total]
+        return corpus
+    langs = args.langs.split(",") if args.langs else None
+    full = parallel_corpus(langs)
+    n = min(n_total, min(len(t) for t in full.values()))
+    return {lang: texts[:n] for lang, texts in full.items()}
+
+
+def split_eval(corpus, eval_n):
+    """(stats corpus, held-out eval corpus): the last eval_n texts of each language are held out."""
+    stats, ev = {}, {}
+    for lang, texts in corpus.items():
+        k = min(eval_n, len(texts) // 2)
+        stats[lang], ev[lang] = texts[:len(texts) - k], texts[len(texts) - k:]
+    return stats, ev
+
+
+def plot_counts(counts, langs, path, title="language-specific neurons (LAPE)"):
+    """Grouped bars: neurons per layer for each language. counts (K, L)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    K, L = counts.shape
+    fig, ax = plt.subplots(figsize=(max(6, L * 0.45), 3.6))
+    w = 0.8 / K
+    for k, lang in enumerate(langs):
+        ax.bar([l - 0.4 + w * (k + 0.5) for l in range(L)], counts[k].tolist(), width=w, label=lang)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.set_xticks(range(L))
+    ax.set_title(title)
+    ax.legend(ncol=min(K, 8), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyse(steerer, tok, corpus, args, progress=True, log=print):
+    """Stats -> LAPE -> classification (-> deactivation). Returns (summary dict, tensors dict, stats)."""
+    from xlkernels.analysis import neurons as N
+    langs = list(corpus)
+    stats_corpus, eval_corpus = split_eval(corpus, args.eval_n) if args.deactivate else (corpus, None)
+    t0 = time.perf_counter()
+    stats = N.collect_stats(steerer, tok, stats_corpus, args.batch_size, args.max_length, progress=progress,
+                            packing=args.packing)
+    t_stats = time.perf_counter() - t0
+    ntok = int(stats.tokens[0].sum())
+    log(f"statistics: {ntok} tokens in {t_stats:.1f} s ({ntok / max(t_stats, 1e-9):.0f} tokens/s), "
+        f"{steerer.num_layers} layers x {steerer.num_neurons} neurons x {len(langs)} languages")
+    p = N.activation_probs(stats)
+    lape = N.lape(p, top_rate=args.top_rate, activation_bar_ratio=args.bar)
+    lam = args.lam if args.lam == "auto" else float(args.lam)
+    cls = N.classify(p, lam=lam, top_rate=args.top_rate, activation_bar_ratio=args.bar)
+    lape_counts = lape.counts()
+    cc = cls.counts()
+    summary = {
+        "languages": langs, "num_layers": steerer.num_layers, "num_neurons": steerer.num_neurons,
+        "tokens": dict(zip(langs, stats.tokens[0].tolist())), "seconds_stats": round(t_stats, 2),
+        "lape": {"top_rate": args.top_rate, "filter_value": lape.filter_value, "bar": lape.bar,
+                 "selected": int(lape.selected.sum()),
+                 "per_language": dict(zip(langs, lape_counts.sum(1).tolist())),
+                 "per_language_layer": {x: c for x, c in zip(langs, lape_counts.tolist())}},
+        "classes": {"lambda": cls.lam, "lambda_auto": args.lam == "auto", "thr": cls.thr, "appear": cls.appear,
+                    "specific": dict(zip(langs, cc["specific"].sum(1).tolist())),
+                    "related": dict(zip(langs, cc["related"].sum(1).tolist())),
+                    "general": int(cc["general"].sum()),
+                    "general_per_layer": cc["general"].tolist(),
+                    "sweep": [[lam_, a] for lam_, a in cls.history]},
+    }
+    tensors = {}
+    tensors.update(N.neuron_sets_tensors("lape", lape.neurons, langs))
+    tensors.update(N.neuron_sets_tensors("specific", cls.specific, langs))
+    tensors.update(N.neuron_sets_tensors("related", cls.related, langs))
+    tensors.update(N.neuron_sets_tensors("general", [cls.general], ["all"]))
+    tensors["lape_counts"] = lape_counts.contiguous()
+    if args.deactivate:
+        from xlkernels.analysis.deactivation import deactivation_matrix, format_matrix
+        t0 = time.perf_counter()
+        res = deactivation_matrix(steerer, tok, eval_corpus, lape.neurons, batch_size=args.batch_size,
+                                  max_length=args.max_length, progress=progress)
+        summary["deactivation"] = {"langs_off": res["langs_off"], "langs_eval": res["langs_eval"],
+                                   "base_nll": res["base"].tolist(), "nll": res["loss"].tolist(),
+                                   "delta": res["delta"].tolist(), "seconds": round(time.perf_counter() - t0, 2)}
+        tensors["deactivation_delta"] = res["delta"].float().contiguous()
+        summary["_matrix_text"] = format_matrix(res)
+    return summary, tensors, stats, lape, cls
+
+
+def write_outputs(out, summary, tensors, stats, lape_counts, langs):
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    stats.save(os.path.join(out, "stats.safetensors"))
+    save_file(tensors, os.path.join(out, "neurons.safetensors"))
+    plot_counts(lape_counts, langs, os.path.join(out, "neurons.png"))
+    summary = {k: v for k, v in summary.items() if not k.startswith("_")}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+def format_summary(summary) -> str:
+    langs = summary["languages"]
+    lp, cl = summary["lape"], summary["classes"]
+    lines = [f"{'lang':<8}{'tokens':>8}{'LAPE':>7}{'specific':>10}{'related':>9}"]
+    for x in langs:
+        lines.append(f"{x:<8}{summary['tokens'][x]:>8}{lp['per_language'][x]:>7}{cl['specific'][x]:>10}"
+                     f"{cl['related'][x]:>9}")
+    lines.append(f"LAPE: {lp['selected']} neurons selected (top {lp['top_rate']:.2%}), bar p > {lp['bar']:.3f}")
+    lines.append(f"classes: lambda = {cl['lambda']:.6f}{' (auto-sweep)' if cl['lambda_auto'] else ''}, "
+                 f"appear = {cl['appear']}, general neurons (active in all languages) = {cl['general']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import xlkernels
+    progress = not args.no_progress
+    for name in ("n", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    model, tok, name = load_model_from_args(args, progress)
+    n_total = args.n + (args.eval_n if args.deactivate else 0)
+    corpus = load_corpus(args, n_total)
+    steerer = xlkernels.patch(model)
+    print(f"model {name}; languages {', '.join(corpus)}; {min(len(t) for t in corpus.values())} texts each",
+          file=sys.stderr)
+    summary, tensors, stats, lape, _ = analyse(steerer, tok, corpus, args, progress)
+    summary["model"] = name
+    write_outputs(args.out, summary, tensors, stats, lape.counts(), list(corpus))
+    print(format_summary(summary))
+    if "_matrix_text" in summary:
+        print("deactivation: change of mean NLL (rows: neurons switched off, columns: evaluated language)")
+        print(summary["_matrix_text"])
+    print(f"wrote {args.out}/summary.json, stats.safetensors, neurons.safetensors, neurons.png")
+    return 0
