@@ -1,0 +1,240 @@
+// head_steer CUDA kernels (torch-free): out = gate[b,h] * o[b,t,h,:] + shift[b,h,:], exactly shift where
+// gate == 0. Element access is vectorised (up to 16 bytes per load/store) when D, the strides of o and the
+// pointers allow it. Backward: one block per (b*H + h, chunk of t); the per-(b,h) sums are reduced in the
+// block and added with one fp32 atomic per (b,h,d) and per (b,h) for each chunk.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "head_steer.h"
+
+namespace xlk {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x);
+template <>
+__device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p) { return *reinterpret_cast<const Pack<T, V>*>(p); }
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const Pack<T, V>& x) { *reinterpret_cast<Pack<T, V>*>(p) = x; }
+
+// Grid-stride over the nvec = B*T*H*D/V vectors of the output; I is the index type (32-bit when it fits).
+template <typename T, int V, typename I>
+__global__ void fwd_kernel(const T* __restrict__ o, T* __restrict__ out, const float* __restrict__ gate,
+                           const float* __restrict__ shift, SteerShape s, I nvec) {
+  const I dv = static_cast<I>(s.D / V), H = static_cast<I>(s.H), Tn = static_cast<I>(s.T);
+  const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
+  for (I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); i < nvec;
+       i += stride) {
+    const I row = i / dv, d = (i - row * dv) * V;
+    const I h = row % H, bt = row / H, t = bt % Tn, b = bt / Tn;
+    const float g = gate ? gate[b * s.gate_bs + h] : 1.f;
+    const float* sp = shift ? shift + b * s.shift_bs + h * s.D + d : nullptr;
+    Pack<T, V> y;
+    if (g == 0.f) {  // select: o is not read (it may hold garbage for skipped heads)
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(sp ? sp[j] : 0.f);
+    } else {
+      const Pack<T, V> x = load<T, V>(o + b * s.sb + t * s.st + h * s.sh + d);
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g * to_f<T>(x.v[j]) + (sp ? sp[j] : 0.f));
+    }
+    store<T, V>(out + static_cast<int64_t>(row) * s.D + d, y);
+  }
+}
+
+// Block: C = D/V columns x R rows in flight (threads beyond C*R idle, blockDim a multiple of 32).
+// Shared memory: blockDim*V floats (shift partials) + 32 floats (gate warp sums).
+template <typename T, int V>
+__global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ o, const float* __restrict__ gate,
+                           T* __restrict__ grad_o, float* __restrict__ ggate, int64_t ggate_bs,
+                           float* __restrict__ gshift, int64_t gshift_bs, SteerShape s, int64_t chunk) {
+  extern __shared__ float smem[];
+  float* warp_sums = smem + static_cast<int64_t>(blockDim.x) * V;
+  const int C = static_cast<int>(s.D / V);
+  const int R = static_cast<int>(blockDim.x) / C;
+  const int tid = static_cast<int>(threadIdx.x);
+  const bool active = tid < C * R;
+  const int col = tid % C, rl = tid / C;
+  const int64_t bh = blockIdx.x, b = bh / s.H, h = bh % s.H;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t t1 = t0 + chunk < s.T ? t0 + chunk : s.T;
+  const float g = gate ? gate[b * s.gate_bs + h] : 1.f;
+  const int64_t d = static_cast<int64_t>(col) * V;
+  float acc_s[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc_s[j] = 0.f;
+  float acc_g = 0.f;
+  if (active) {
+    for (int64_t t = t0 + rl; t < t1; t += R) {
+      const int64_t r = ((b * s.T + t) * s.H + h) * s.D + d;
+      const Pack<T, V> dy = load<T, V>(grad + r);
+      if (grad_o) {
+        Pack<T, V> y;
+#pragma unroll
+        for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g == 0.f ? 0.f : g * to_f<T>(dy.v[j]));
+        store<T, V>(grad_o + r, y);
+      }
+      if (gshift) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc_s[j] += to_f<T>(dy.v[j]);
+      }
+      if (ggate) {
+        const Pack<T, V> x = load<T, V>(o + b * s.sb + t * s.st + h * s.sh + d);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          float xv = to_f<T>(x.v[j]);
+          if (g == 0.f && !isfinite(xv)) xv = 0.f;  // garbage at skipped heads counts as 0
+          acc_g += to_f<T>(dy.v[j]) * xv;
+        }
+      }
+    }
+  }
+  if (gshift) {  // uniform across the block
+#pragma unroll
+    for (int j = 0; j < V; ++j) smem[tid * V + j] = acc_s[j];
+    __syncthreads();
+    if (active && rl == 0) {
+      float* dst = gshift + b * gshift_bs + h * s.D + d;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float sum = 0.f;
+        for (int k = 0; k < R; ++k) sum += smem[(k * C + col) * V + j];
+        atomicAdd(dst + j, sum);
+      }
+    }
+  }
+  if (ggate) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc_g += __shfl_down_sync(0xffffffffu, acc_g, off);
+    if ((tid & 31) == 0) warp_sums[tid >> 5] = acc_g;
+    __syncthreads();
+    if (tid == 0) {
+      float sum = 0.f;
+      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) sum += warp_sums[w];
+      atomicAdd(ggate + b * ggate_bs + h, sum);
+    }
+  }
+}
+
+bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Widest vector (elements, up to 16 bytes) that D, the strides of o (where the size is > 1) and every pointer
+// allow.
+int pick_vec(int elem, const SteerShape& s, const void* a, const void* b, const void* c) {
+  for (int v = 16 / elem; v > 1; v /= 2) {
+    bool ok = s.D % v == 0 && (s.B <= 1 || s.sb % v == 0) && (s.T <= 1 || s.st % v == 0) &&
+              (s.H <= 1 || s.sh % v == 0) && aligned(a, v * elem) && aligned(b, v * elem) && aligned(c, v * elem);
+    if (ok) return v;
+  }
+  return 1;
+}
+
+template <typename F>
+cudaError_t with_vec(int v, F&& f) {
+  switch (v) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename F>
+cudaError_t with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kSteerF32: return f(float{});
+    case kSteerF16: return f(__half{});
+    case kSteerBF16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t head_steer_forward(int dtype, const void* o, void* out, const float* gate, const float* shift,
+                               SteerShape s, cudaStream_t stream) {
+  const int64_t n = s.B * s.T * s.H * s.D;
+  if (n == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int v = pick_vec(static_cast<int>(sizeof(T)), s, o, out, nullptr);
+    return with_vec(v, [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      const int64_t nvec = n / V;
+      const int threads = 256;
+      int64_t blocks = (nvec + threads - 1) / threads;
+      if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;
+      const T* op = static_cast<const T*>(o);
+      T* yp = static_cast<T*>(out);
+      if (nvec < (int64_t{1} << 31)) {
+        fwd_kernel<T, V, uint32_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+            op, yp, gate, shift, s, static_cast<uint32_t>(nvec));
+      } else {
+        fwd_kernel<T, V, int64_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(op, yp, gate, shift, s,
+                                                                                         nvec);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t head_steer_backward(int dtype, const void* grad, const void* o, const float* gate, void* grad_o,
+                                float* grad_gate, int64_t ggate_bs, float* grad_shift, int64_t gshift_bs,
+                                SteerShape s, int num_sms, cudaStream_t stream) {
+  const int64_t bh = s.B * s.H;
+  if (bh == 0 || s.T == 0 || s.D == 0 || (!grad_o && !grad_gate && !grad_shift)) return cudaSuccess;
+  if (bh > 0x7fffffff) return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    int v = pick_vec(static_cast<int>(sizeof(T)), s, grad, grad_o, grad_gate ? o : nullptr);
+    while (v > 1 && s.D / v > 1024) v /= 2;  // keep a row within one block
+    return with_vec(v, [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      const int64_t C = s.D / V;
+      if (C > 1024) return cudaErrorInvalidValue;
+      const int64_t R = C >= 256 ? 1 : 256 / C;
+      const int threads = static_cast<int>((C * R + 31) / 32 * 32);
+      // Enough blocks to fill the GPU: split T into chunks when B*H alone is too few.
+      const int64_t target = 4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132);
+      int64_t chunks = (target + bh - 1) / bh;
+      const int64_t max_chunks = (s.T + R - 1) / R;
+      if (chunks > max_chunks) chunks = max_chunks;
+      if (chunks > 65535) chunks = 65535;
+      if (chunks < 1) chunks = 1;
+      const int64_t chunk = (s.T + chunks - 1) / chunks;
+      chunks = (s.T + chunk - 1) / chunk;
+      const size_t smem = (static_cast<size_t>(threads) * V + 32) * sizeof(float);
+      dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>(chunks));
+      bwd_kernel<T, V><<<grid, threads, smem, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(o), gate, static_cast<T*>(grad_o), grad_gate,
+          ggate_bs, grad_shift, gshift_bs, s, chunk);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace xlk
