@@ -1,0 +1,214 @@
+"""LAHIS (xlkernels.analysis.heads): score aggregation, head sets, batched gradients vs a hook reference."""
+import pytest
+import torch
+
+from xlkernels.analysis import heads
+
+TEXTS = ["Enter a valid email address.", "Bonjour, le monde!", "Hallo Welt, wie geht es dir heute?",
+         "ok", "Введите правильный адрес.", "这是一个测试。", "Ceci est une phrase un peu plus longue."]
+
+
+# ----------------------------------------------------------------------------------------- pure parts
+def test_accumulator_matches_formula():
+    g = torch.randn(7, 3, 5, dtype=torch.float64)
+    acc = heads.LahisAccumulator(3, 5)
+    acc.add(g[:4])
+    for i in range(4, 7):
+        acc.add(g[i])
+    want = g.abs().mean(0) * (g < 0).double().mean(0)
+    torch.testing.assert_close(acc.scores(), want.float(), rtol=1e-6, atol=0)
+    assert acc.N == 7
+
+
+def test_accumulator_uses_gate_value():
+    g = torch.randn(5, 2, 3)
+    m = torch.rand(2, 3) * 2 - 0.5          # some negative gates flip the sign test
+    acc = heads.LahisAccumulator(2, 3, scale=1000.0)
+    for i in range(5):
+        acc.add(g[i], m)
+    want = (g.abs() * m).mean(0) * ((g * m) < 0).float().mean(0) * 1000
+    torch.testing.assert_close(acc.scores(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulator_rejects_bad_shape_and_empty():
+    acc = heads.LahisAccumulator(2, 3)
+    with pytest.raises(ValueError, match="grad"):
+        acc.add(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="no texts"):
+        acc.scores()
+
+
+def test_flat_ids_roundtrip():
+    H = 7
+    for l in range(5):
+        for h in range(H):
+            i = heads.flat_id(l, h, H)
+            assert i == l * H + h and heads.unflat(i, H) == (l, h)
+
+
+def test_top_heads_quantile_and_order():
+    torch.manual_seed(0)
+    s = torch.rand(6, 9)                   # 54 heads; top 4% -> strictly above the 0.96 quantile
+    ids = heads.top_heads(s, 0.96)
+    flat = s.flatten().double()
+    thr = torch.quantile(flat, 0.96)
+    assert set(ids) == set((flat > thr).nonzero().flatten().tolist())
+    assert len(ids) == 3                    # position 0.96*53 = 50.88 -> sorted ranks 51..53 lie above
+    vals = flat[ids]
+    assert torch.all(vals[:-1] >= vals[1:])
+    assert heads.top_heads(s, 0.0) == torch.argsort(flat, descending=True).tolist()[:-1]
+    with pytest.raises(ValueError, match="q"):
+        heads.top_heads(s, 1.5)
+
+
+def test_top_k_heads():
+    s = torch.randn(4, 5)
+    ids = heads.top_k_heads(s, 3)
+    assert ids == torch.argsort(s.flatten(), descending=True)[:3].tolist()
+    with pytest.raises(ValueError, match="k"):
+        heads.top_k_heads(s, 0)
+
+
+def _scores_with_top(L, H, top):
+    """Scores whose top-4% list is exactly `top` (descending)."""
+    s = torch.rand(L, H) * 0.1
+    for r, i in enumerate(top):
+        s.view(-1)[i] = 10.0 - r
+    return s
+
+
+def test_head_sets_general_and_specific():
+    L, H = 10, 10                           # 100 heads: q=0.96 keeps exactly 4
+    tops = {"en": [1, 2, 3, 4], "de": [2, 1, 5, 6], "fr": [1, 2, 7, 8], "es": [2, 1, 3, 9],
+            "zh": [11, 12, 3, 1]}
+    sc = {k: _scores_with_top(L, H, v) for k, v in tops.items()}
+    out = heads.head_sets(sc, q=0.96, min_rep=4)
+    assert out["top"] == tops
+    assert out["general"] == [1, 2]         # 1 in 5 lists, 2 in 4; 3 only in 3
+    assert out["specific"]["en"] == [3, 4]
+    assert out["specific"]["zh"] == [11, 12, 3]
+    assert out["min_rep"] == 4
+    out3 = heads.head_sets(sc, min_rep=3)
+    assert set(out3["general"]) == {1, 2, 3}
+
+
+def test_head_sets_min_rep_clamped():
+    L, H = 10, 10
+    sc = {"en": _scores_with_top(L, H, [1, 2, 3, 4]), "de": _scores_with_top(L, H, [4, 5, 1, 6])}
+    out = heads.head_sets(sc, min_rep=4)    # 2 languages: general = in both lists
+    assert out["min_rep"] == 2 and out["general"] == [1, 4]
+    assert out["specific"] == {"en": [2, 3], "de": [5, 6]}
+    one = heads.head_sets({"en": sc["en"]}, min_rep=4)
+    assert one["min_rep"] is None and one["general"] == [] and one["specific"]["en"] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="min_rep"):
+        heads.head_sets(sc, min_rep=0)
+    with pytest.raises(ValueError, match="scores"):
+        heads.head_sets({})
+
+
+def test_pad_right_and_encode():
+    from xlkernels.models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    seqs = heads.encode(tok, ["abc", "", "hello world"], max_length=5)
+    assert len(seqs) == 2 and len(seqs[1]) == 5 and seqs[0][0] == tok.bos_token_id   # "" has only <bos>
+    ids, mask = heads.pad_right(seqs, pad_id=0)
+    assert ids.shape == (2, 5) and mask.tolist() == [[1, 1, 1, 1, 0], [1] * 5]
+    assert ids[0, 4] == 0
+    with pytest.raises(ValueError, match="max_length"):
+        heads.encode(tok, ["a"], max_length=1)
+
+
+# ----------------------------------------------------------------------------------------- model parts
+@pytest.fixture(scope="module")
+def tiny():
+    from xlkernels.models import tiny_model
+    return tiny_model("llama", seed=3)
+
+
+def test_sample_nll_matches_hf_loss_per_sample(tiny):
+    model, tok = tiny
+    seqs = heads.encode(tok, TEXTS, 64)
+    ids, mask = heads.pad_right(seqs, pad_id=0)
+    with torch.no_grad():
+        got = heads.sample_nll(model, ids, mask)
+        want = torch.stack([model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _patched(tiny):
+    import xlkernels
+    model, tok = tiny
+    return xlkernels.patch(model), model, tok
+
+
+@pytest.mark.parametrize("mode", ["gradient", "paper"])
+def test_lahis_matches_hook_reference(tiny, mode):
+    import xlkernels
+    model, tok = tiny
+    ref = heads.lahis_scores_hooked(model, tok, TEXTS, mode=mode, max_length=64)
+    st = xlkernels.patch(model)
+    try:
+        got = heads.lahis_scores(st, tok, TEXTS, mode=mode, batch_size=3, max_length=64)
+    finally:
+        xlkernels.unpatch(model)
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=1e-7)
+    assert torch.equal(got > 0, ref > 0)
+
+
+def test_gradient_mode_batched_equals_per_sample(tiny):
+    import xlkernels
+    model, tok = tiny
+    st = xlkernels.patch(model)
+    try:
+        seqs = heads.encode(tok, TEXTS, 64)
+        L, H = st.num_layers, st.num_heads
+        # per-sample gradients from one batched backward vs one backward per text
+        ids, mask = heads.pad_right(seqs, 0)
+        gate = torch.ones(len(seqs), L, H, requires_grad=True)
+        st.gate = gate
+        (gb,) = torch.autograd.grad(heads.sample_nll(model, ids, mask).sum(), gate)
+        for i, s in enumerate(seqs):
+            g1 = torch.ones(L, H, requires_grad=True)
+            st.gate = g1
+            i1, m1 = heads.pad_right([s], 0)
+            (g,) = torch.autograd.grad(heads.sample_nll(model, i1, m1)[0], g1)
+            torch.testing.assert_close(gb[i], g, rtol=1e-5, atol=1e-8)
+            assert torch.equal(gb[i] < 0, g < 0)
+        st.reset()
+        a = heads.lahis_scores(st, tok, TEXTS, batch_size=len(TEXTS), max_length=64)
+        b = heads.lahis_scores(st, tok, TEXTS, batch_size=1, max_length=64)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+        assert torch.equal(st.gate, torch.ones(L, H)) and not model.training
+        assert all(p.requires_grad for p in model.parameters())
+    finally:
+        xlkernels.unpatch(model)
+
+
+def test_paper_mode_mask_drifts(tiny):
+    """The AdamW step makes 'paper' differ from the pure gradient at ones."""
+    import xlkernels
+    model, tok = tiny
+    st = xlkernels.patch(model)
+    try:
+        g = heads.lahis_scores(st, tok, TEXTS, mode="gradient", max_length=64, scale=1000.0)
+        p = heads.lahis_scores(st, tok, TEXTS, mode="paper", max_length=64)
+    finally:
+        xlkernels.unpatch(model)
+    assert not torch.allclose(g, p, rtol=1e-3)
+    assert torch.corrcoef(torch.stack([g.flatten(), p.flatten()]))[0, 1] > 0.5
+
+
+def test_lahis_bad_args(tiny):
+    import xlkernels
+    model, tok = tiny
+    st = xlkernels.patch(model)
+    try:
+        with pytest.raises(ValueError, match="mode"):
+            heads.lahis_scores(st, tok, TEXTS, mode="nope")
+        with pytest.raises(ValueError, match="batch_size"):
+            heads.lahis_scores(st, tok, TEXTS, batch_size=0)
+        with pytest.raises(ValueError, match="texts"):
+            heads.lahis_scores(st, tok, ["", ""])
+    finally:
+        xlkernels.unpatch(model)
