@@ -26,15 +26,16 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     from xlkernels.analysis.data import parallel_corpus
     from xlkernels.models import tiny_model
     out = tmp_path / "stats.safetensors"
+    model, tok = tiny_model("llama")
+    tok.save_pretrained(tmp_path / "tok")   # the ranks use this very tokenizer
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "xlkernels.analysis.distributed",
-           "--tiny", "llama", "--langs", "en,de,fr", "--n", "7", "--batch-size", "4", "--max-length", "32",
-           "--out", str(out)]
+           "--tiny", "llama", "--langs", "en,de,fr", "--num-texts", "7", "--batch-size", "4", "--max-length", "32",
+           "--tokenizer", str(tmp_path / "tok"), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     got = xlkernels.NeuronStats.load(str(out))
-    model, tok = tiny_model("llama")
     want = N.collect_stats(model, tok, parallel_corpus(["en", "de", "fr"], 7), batch_size=4, max_length=32,
                            progress=False)
     assert torch.equal(got.tokens, want.tokens) and int(want.tokens.min()) > 0

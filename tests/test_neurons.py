@@ -179,7 +179,7 @@ def test_collect_stats_vs_hook_reference(arch):
     ref_model, tok = tiny_model(arch, seed=3)
     rows = [[tok(t, truncation=True, max_length=12)["input_ids"] for t in texts] for texts in CORPUS.values()]
     pos, toks, sums = _hook_counts(ref_model, rows, ref_model.config.num_hidden_layers)
-    model, tok = tiny_model(arch, seed=3)
+    model, _ = tiny_model(arch, seed=3)   # same weights; the same tokenizer instance
     st = xlkernels.patch(model)
     stats = N.collect_stats(st, tok, CORPUS, batch_size=3, max_length=12, progress=False)
     L, K, I = stats.positive.shape
@@ -188,8 +188,8 @@ def test_collect_stats_vs_hook_reference(arch):
     assert torch.equal(stats.positive, pos)
     assert torch.allclose(stats.sum, sums, rtol=1e-4, atol=1e-4)
     # the batches really mix languages and pad
-    b = next(N.text_batches(tok, CORPUS, 3, 12))[2]
-    assert set(b.unique().tolist()) == {-1, 0, 1, 2}
+    gs = [g for _, _, g in N.text_batches(tok, CORPUS, 3, 12)]
+    assert set(gs[0].unique().tolist()) == {0, 1, 2} and any((g == -1).any() for g in gs)
     # accumulate: a second call adds up
     again = N.collect_stats(st, tok, CORPUS, batch_size=5, max_length=12, progress=False, stats=stats.clone())
     assert torch.equal(again.positive, 2 * pos)
@@ -205,7 +205,7 @@ def test_collect_stats_packing_vs_hook_reference():
         flat = [i for t in texts for i in tok(t)["input_ids"]]
         rows.append([flat[s:s + T] for s in range(0, len(flat) // T * T, T)])   # tail dropped, as LAPE
     pos, toks, _ = _hook_counts(ref_model, rows, 2)
-    model, tok = tiny_model("llama", seed=4)
+    model, _ = tiny_model("llama", seed=4)
     stats = N.collect_stats(xlkernels.patch(model), tok, CORPUS, batch_size=2, max_length=T, packing=True,
                             progress=False)
     assert torch.equal(stats.tokens[0], toks) and toks.min() > 0 and (toks % T == 0).all()

@@ -52,8 +52,9 @@ def main(argv=None) -> int:
                                 description="per-language neuron statistics, data parallel (run under torchrun)")
     p.add_argument("--model", default=None, help="local model path or .gguf (default: the embedded model)")
     p.add_argument("--tiny", default=None, metavar="ARCH", help="random tiny model of ARCH (tests)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the model's)")
     p.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus")
-    p.add_argument("--n", type=int, default=None, help="texts per language")
+    p.add_argument("--num-texts", type=int, default=None, help="texts per language")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--packing", action="store_true")
@@ -76,8 +77,11 @@ def main(argv=None) -> int:
             model, tok = load_model(args.model, device=device)
         else:
             model, tok = load_default(device=device)
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
         langs = args.langs.split(",") if args.langs else None
-        corpus = parallel_corpus(langs, args.n)
+        corpus = parallel_corpus(langs, args.num_texts)
         stats = collect_stats_distributed(xlkernels.patch(model), tok, corpus, args.batch_size, args.max_length,
                                           progress=True, packing=args.packing)
         if rank == 0:
