@@ -63,7 +63,8 @@ def check_group_ids(group_ids, lead_shape, device, num_groups: int, name: str = 
                          f"got {tuple(group_ids.shape)}")
     _checks.same_device(name, group_ids, torch.empty(0, device=device), "act")
     ids = group_ids.reshape(-1).to(torch.int64).contiguous()
-    _checks.ids_in_range(ids, name, num_groups)
+    if not torch.compiler.is_compiling():  # data-dependent; under torch.compile the kernels guard (C++ raises)
+        _checks.ids_in_range(ids, name, num_groups)
     return ids
 
 
@@ -76,6 +77,12 @@ def accumulate(backend: str, act2, ids, stats: NeuronStats) -> None:
         torch.ops.xlkernels.neuron_stats_accum_triton(*args)
     else:
         ref.accumulate(*args)
+
+
+@torch.compiler.assume_constant_result
+def _select(device: str) -> str:
+    """backends.select, evaluated once at trace time under torch.compile (ContextVar.get is not traceable)."""
+    return backends.select("neuron_stats", device)
 
 
 def neuron_stats(act: torch.Tensor, group_ids: torch.Tensor, num_groups: int, stats=None) -> NeuronStats:
@@ -97,5 +104,5 @@ def neuron_stats(act: torch.Tensor, group_ids: torch.Tensor, num_groups: int, st
     else:
         check_stats(stats, num_groups, n_neurons, act.device)
     act2 = act.reshape(-1, n_neurons).contiguous()
-    accumulate(backends.select("neuron_stats", act.device), act2, ids, stats)
+    accumulate(_select(str(act.device)), act2, ids, stats)
     return stats

@@ -1,0 +1,291 @@
+"""glu: forward, fused stats, interventions and backward of every backend against the float64 reference."""
+import pytest
+import torch
+
+import xlkernels
+import xlkernels.ops.glu  # noqa: F401 (registers the op's backends)
+from xlkernels import NeuronIntervention, NeuronStats, backends
+from xlkernels.reference import glu as rg
+from xlkernels.reference import neuron_stats as rn
+
+HERE = [b for b in ("cpu", "triton") if backends.why_not("glu", b, torch.device("cpu")) is None] + ["reference"]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+G = 4
+
+
+def make_iv(kind, nn, device="cpu"):
+    k = max(1, nn // 3)
+    idx = torch.randperm(nn)[:k]
+    if kind == "none":
+        return None
+    if kind == "zero":
+        return NeuronIntervention.zero(idx, nn, device=device)
+    if kind == "set":  # per group
+        return NeuronIntervention.set(idx, torch.randn(G, k), nn, device=device)
+    if kind == "scale":
+        return NeuronIntervention.scale(idx, torch.rand(k) * 3, nn, device=device)
+    if kind == "dense":  # arbitrary per-group affine
+        return NeuronIntervention(torch.randn(G, nn, device=device), torch.randn(G, nn, device=device))
+    raise ValueError(kind)
+
+
+def iv_args(iv):
+    return (None, None) if iv is None else (iv.mul, iv.add)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def check_close(got, want64, same_dtype_torch, dtype):
+    """FlashAttention-style: error <= 2x that of same-dtype PyTorch math (both vs float64), with a floor."""
+    assert not got.isnan().any()
+    bound = max(2 * rel_err(same_dtype_torch, want64), FLOOR[dtype])
+    assert rel_err(got, want64) <= bound, (rel_err(got, want64), bound)
+
+
+def inputs(shape, dtype):
+    gate = (torch.randn(shape) * 2).to(dtype)
+    up = torch.randn(shape).to(dtype)
+    ids = torch.randint(-1, G, shape[:-1])
+    return gate, up, ids
+
+
+def torch_same_dtype(gate, up, act, ids, iv):
+    """Plain PyTorch math in the input dtype."""
+    a = torch.nn.functional.silu(gate) if act == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    return rg.intervene(a, ids, *iv_args(iv)) * up
+
+
+@pytest.mark.parametrize("backend", HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind", ["none", "zero", "set", "scale"])
+def test_forward_with_stats(backend, dtype, act, kind):
+    gate, up, ids = inputs((3, 11, 77), dtype)
+    iv = make_iv(kind, 77)
+    stats = NeuronStats.empty(G, 77)
+    stats.max.normal_()  # prior content
+    prior = stats.clone()
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up, act, stats=stats, group_ids=ids, intervention=iv)
+    want, a64 = rg.glu(gate.double(), up.double(), act, ids, *iv_args(iv))
+    assert out.dtype == dtype and out.shape == gate.shape
+    check_close(out, want, torch_same_dtype(gate, up, act, ids, iv), dtype)
+    ws = prior.clone()
+    rn.accumulate(a64.reshape(-1, 77), ids.reshape(-1), ws.tokens, ws.positive, ws.sum, ws.sum_sq, ws.max)
+    assert torch.equal(stats.tokens, ws.tokens)
+    assert torch.equal(stats.positive, ws.positive)  # act > 0 iff gate > 0 for both activations
+    for f in ("sum", "sum_sq", "max"):
+        a, b = getattr(stats, f).double(), getattr(ws, f).double()
+        assert float(((a - b).abs() / (1 + b.abs())).max()) < 2e-6, f
+
+
+@pytest.mark.parametrize("backend", HERE)
+@pytest.mark.parametrize("nn", [1, 13, 4099])
+def test_sizes_and_no_ids(backend, nn):
+    n = 9 if nn > 1000 else 40
+    gate, up, _ = inputs((n, nn), torch.float32)
+    iv = NeuronIntervention.zero(torch.arange(0, nn, 3), nn)
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up)
+        out2 = xlkernels.glu(gate, up, "gelu_tanh", intervention=iv)
+    check_close(out, rg.glu(gate.double(), up.double())[0], torch_same_dtype(gate, up, "silu", None, None),
+                torch.float32)
+    want2 = rg.glu(gate.double(), up.double(), "gelu_tanh", None, iv.mul, iv.add)[0]
+    assert torch.equal(out2[:, ::3], torch.zeros_like(out2[:, ::3]))
+    assert rel_err(out2, want2) < 1e-6 if nn > 1 else not out2.any()
+
+
+@pytest.mark.parametrize("backend", HERE)
+def test_per_group_intervention_leaves_padding_rows(backend):
+    gate, up, _ = inputs((20, 31), torch.float32)
+    ids = torch.tensor([-1, 0, 1, 2, 3] * 4)
+    iv = make_iv("dense", 31)
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up, group_ids=ids, intervention=iv)
+        plain = xlkernels.glu(gate, up)
+    pad = ids < 0
+    assert torch.equal(out[pad], plain[pad])
+    keep = ids[~pad]
+    want = (rg.act_fn(gate[~pad].double(), "silu") * iv.mul[keep] + iv.add[keep]) * up[~pad].double()
+    assert rel_err(out[~pad], want) < 1e-6
+    per_neuron = NeuronIntervention.scale([0, 5], 2.0, 31)  # (I,) applies to padding rows too
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up, group_ids=ids, intervention=per_neuron)
+    assert rel_err(out[pad][:, 5], 2 * plain[pad][:, 5]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", HERE)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind", ["none", "zero", "set", "scale", "dense"])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_backward(backend, act, kind, with_stats):
+    gate, up, ids = inputs((2, 9, 37), torch.float32)
+    iv = make_iv(kind, 37)
+    g1, u1 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    stats = NeuronStats.empty(G, 37) if with_stats else None
+    need_ids = with_stats or kind in ("set", "dense")
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(g1, u1, act, stats=stats, group_ids=ids if need_ids else None, intervention=iv)
+    go = torch.randn_like(out)
+    out.backward(go)
+    g2, u2 = gate.double().requires_grad_(), up.double().requires_grad_()
+    want, _ = rg.glu(g2, u2, act, ids, *iv_args(iv))
+    want.backward(go.double())
+    assert rel_err(g1.grad, g2.grad) < 2e-6 and rel_err(u1.grad, u2.grad) < 2e-6
+    if kind in ("zero", "set"):  # intervened neurons pass no gradient to gate
+        touched = (iv.mul == 0).reshape(-1, 37).all(0)
+        rows = ids >= 0 if iv.num_groups else torch.ones_like(ids, dtype=torch.bool)  # per-group: -1 rows untouched
+        assert touched.any() and torch.equal(g1.grad[rows][:, touched], torch.zeros_like(g1.grad[rows][:, touched]))
+    if with_stats:
+        assert int(stats.tokens.sum()) == int((ids >= 0).sum())  # recorded once
+
+
+@pytest.mark.parametrize("backend", [b for b in HERE if b != "reference"])
+def test_half_backward(backend):
+    for dtype in (torch.float16, torch.bfloat16):
+        gate, up, ids = inputs((17, 45), dtype)
+        iv = make_iv("scale", 45)
+        g1, u1 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        with xlkernels.backend(backend):
+            out = xlkernels.glu(g1, u1, "gelu_tanh", intervention=iv)
+        go = torch.randn_like(out)
+        out.backward(go)
+        g2, u2 = gate.double().requires_grad_(), up.double().requires_grad_()
+        rg.glu(g2, u2, "gelu_tanh", None, *iv_args(iv))[0].backward(go.double())
+        g3, u3 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        torch_same_dtype(g3, u3, "gelu_tanh", None, iv).backward(go)
+        check_close(g1.grad, g2.grad, g3.grad, dtype)
+        check_close(u1.grad, u2.grad, u3.grad, dtype)
+
+
+@pytest.mark.parametrize("backend", HERE)
+def test_non_contiguous(backend):
+    gu = torch.randn(30, 2, 23)
+    gate, up = gu[:, 0], gu[:, 1]  # strided views of a fused gate_up projection
+    assert not gate.is_contiguous()
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up)
+    assert rel_err(out, rg.glu(gate.double(), up.double())[0]) < 1e-6
+
+
+def _ops():
+    ops = []
+    if "cpu" in HERE:
+        ops.append(("glu_fwd", "glu_fwd_stats", "glu_bwd"))
+    if "triton" in HERE:
+        ops.append(("glu_fwd_triton", "glu_fwd_stats_triton", "glu_bwd_triton"))
+    return ops
+
+
+@pytest.mark.parametrize("names", _ops(), ids=lambda n: n[0])
+@pytest.mark.parametrize("kind", ["none", "dense"])
+def test_opcheck(names, kind):
+    gate, up, ids = inputs((19, 21), torch.float32)
+    iv = make_iv(kind, 21)
+    mul, add = iv_args(iv)
+    s = NeuronStats.empty(G, 21)
+    ops = [getattr(torch.ops.xlkernels, n) for n in names]
+    gate.requires_grad_()
+    up.requires_grad_()
+    torch.library.opcheck(ops[0], (gate, up, "silu", ids, mul, add))
+    torch.library.opcheck(ops[1], (gate.detach(), up.detach(), "gelu_tanh", ids, mul, add, s.tokens, s.positive,
+                                   s.sum, s.sum_sq, s.max))
+    torch.library.opcheck(ops[2], (torch.randn(19, 21), gate.detach(), up.detach(), "silu", ids, mul, add))
+
+
+@pytest.mark.skipif("cpu" not in HERE, reason="extension not built")
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    stats = NeuronStats.empty(G, 24)
+    iv = make_iv("set", 24)
+
+    def f(g, u, ids):
+        return xlkernels.glu(g, u, "silu", stats=stats, group_ids=ids, intervention=iv) * 2 + 1
+
+    gate, up, ids = inputs((2, 5, 24), torch.float32)
+    with xlkernels.backend("cpu"):
+        out = torch.compile(f, fullgraph=True, backend=compiler)(gate, up, ids)
+    once = stats.clone()
+    want = rg.glu(gate.double(), up.double(), "silu", ids, iv.mul, iv.add)[0] * 2 + 1
+    assert rel_err(out, want) < 1e-6
+    assert int(once.tokens.sum()) == int((ids >= 0).sum())
+    ws = NeuronStats.empty(G, 24)
+    with xlkernels.backend("reference"):
+        xlkernels.glu(gate, up, "silu", stats=ws, group_ids=ids)
+    assert torch.equal(once.positive, ws.positive) and torch.equal(once.tokens, ws.tokens)
+
+
+def test_bad_inputs():
+    gate, up, ids = inputs((6, 10), torch.float32)
+    s = NeuronStats.empty(G, 10)
+    glu = xlkernels.glu
+    cases = [
+        (lambda: glu(gate.long(), up), TypeError, "gate"),
+        (lambda: glu(gate, up.half()), TypeError, "up"),
+        (lambda: glu(gate, up[:, :9]), ValueError, "up"),
+        (lambda: glu(gate, up.to("meta")), ValueError, "up"),
+        (lambda: glu(gate, up, "relu"), ValueError, "activation"),
+        (lambda: glu(gate, up, stats=s), ValueError, "group_ids"),
+        (lambda: glu(gate, up, stats=s, group_ids=ids[:5]), ValueError, "group_ids"),
+        (lambda: glu(gate, up, stats=s, group_ids=ids.float()), TypeError, "group_ids"),
+        (lambda: glu(gate, up, stats=s, group_ids=ids + G), ValueError, "group_ids"),
+        (lambda: glu(gate, up, stats=NeuronStats.empty(G, 11), group_ids=ids), ValueError, "stats"),
+        (lambda: glu(gate, up, stats="x", group_ids=ids), TypeError, "stats"),
+        (lambda: glu(gate, up, intervention=make_iv("zero", 11)), ValueError, "intervention"),
+        (lambda: glu(gate, up, intervention=(torch.ones(10), torch.zeros(10))), TypeError, "intervention"),
+        (lambda: glu(gate, up, intervention=make_iv("set", 10)), ValueError, "group_ids"),
+        (lambda: glu(gate, up, stats=NeuronStats.empty(G + 1, 10), group_ids=ids, intervention=make_iv("set", 10)),
+         ValueError, "intervention"),
+        (lambda: glu(gate, up, group_ids=ids - 2, intervention=make_iv("set", 10)), ValueError, "group_ids"),
+    ]
+    for fn, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+# ---- GPU (skipped without one) --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind", ["none", "zero", "set", "scale", "dense"])
+@pytest.mark.parametrize("nn", [13, 4099])
+def test_gpu(backend, dtype, act, kind, nn):
+    gate, up, ids = inputs((3, 333, nn), dtype)
+    iv = make_iv(kind, nn)
+    stats = NeuronStats.empty(G, nn, device="cuda")
+    gc, uc = gate.cuda().requires_grad_(), up.cuda().requires_grad_()
+    dev_iv = iv.to("cuda") if iv is not None else None
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gc, uc, act, stats=stats, group_ids=ids.cuda(), intervention=dev_iv)
+    go = torch.randn_like(out)
+    out.backward(go)
+    g2, u2 = gate.double().requires_grad_(), up.double().requires_grad_()
+    want, a64 = rg.glu(g2, u2, act, ids, *iv_args(iv))
+    want.backward(go.double().cpu())
+    check_close(out.cpu(), want, torch_same_dtype(gate, up, act, ids, iv), dtype)
+    g3, u3 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    torch_same_dtype(g3, u3, act, ids, iv).backward(go.cpu())
+    check_close(gc.grad.cpu(), g2.grad, g3.grad, dtype)
+    check_close(uc.grad.cpu(), u2.grad, u3.grad, dtype)
+    ws = NeuronStats.empty(G, nn)
+    rn.accumulate(a64.detach().reshape(-1, nn), ids.reshape(-1), ws.tokens, ws.positive, ws.sum, ws.sum_sq, ws.max)
+    st = stats.to("cpu")
+    assert torch.equal(st.tokens, ws.tokens) and torch.equal(st.positive, ws.positive)
+    assert float(((st.sum - ws.sum).abs() / (1 + ws.sum.abs())).max()) < 2e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("names", [("glu_fwd", "glu_fwd_stats", "glu_bwd"),
+                                   ("glu_fwd_triton", "glu_fwd_stats_triton", "glu_bwd_triton")], ids=lambda n: n[0])
+def test_gpu_opcheck(names):
+    gate, up, ids = (t.cuda() for t in inputs((300, 130), torch.bfloat16))
+    iv = make_iv("dense", 130, "cuda")
+    s = NeuronStats.empty(G, 130, device="cuda")
+    ops = [getattr(torch.ops.xlkernels, n) for n in names]
+    torch.library.opcheck(ops[0], (gate.requires_grad_(), up.requires_grad_(), "silu", ids, iv.mul, iv.add))
+    torch.library.opcheck(ops[1], (gate.detach(), up.detach(), "gelu_tanh", ids, iv.mul, iv.add, s.tokens,
+                                   s.positive, s.sum, s.sum_sq, s.max))
+    torch.library.opcheck(ops[2], (torch.randn_like(gate), gate.detach(), up.detach(), "silu", ids, iv.mul, iv.add))
