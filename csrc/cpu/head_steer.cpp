@@ -10,9 +10,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-#include "head_steer.h"
+#include "head_steer_args.h"
 
 TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
   m.def("head_steer(Tensor o, Tensor? gate, Tensor? shift) -> Tensor");
@@ -22,7 +23,29 @@ TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
       "bool need_gate, bool need_shift) -> (Tensor, Tensor, Tensor)");
 }
 
+#define XLK_DISPATCH_STEER(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                     \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace {
+
+// Element loads/stores as float; the bf16 ones are plain bit operations so that the loops vectorise.
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float ld(const c10::BFloat16* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void st(c10::BFloat16* p, int64_t i, float v) {  // round to nearest even, NaN -> 0x7fc0 (as c10)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = v != v ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
+}
 
 template <typename scalar_t>
 void fwd_rows(const scalar_t* o, scalar_t* out, const float* gate, const float* shift, const xlk::SteerArgs& a) {
@@ -37,14 +60,14 @@ void fwd_rows(const scalar_t* o, scalar_t* out, const float* gate, const float* 
       const float* __restrict__ s = shift ? shift + b * a.shift_bs + h * D : nullptr;
       if (g == 0.f) {
         if (s) {
-          for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(s[d]);
+          for (int64_t d = 0; d < D; ++d) st(y, d, s[d]);
         } else {
-          for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(0.f);
+          for (int64_t d = 0; d < D; ++d) st(y, d, 0.f);
         }
       } else if (s) {
-        for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(g * static_cast<float>(x[d]) + s[d]);
+        for (int64_t d = 0; d < D; ++d) st(y, d, g * ld(x, d) + s[d]);
       } else {
-        for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(g * static_cast<float>(x[d]));
+        for (int64_t d = 0; d < D; ++d) st(y, d, g * ld(x, d));
       }
     }
   });
@@ -59,7 +82,7 @@ at::Tensor head_steer_cpu(const at::Tensor& o_in, const std::optional<at::Tensor
   if (out.numel() == 0) return out;
   const float* gp = a.gate.defined() ? a.gate.data_ptr<float>() : nullptr;
   const float* sp = a.shift.defined() ? a.shift.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "head_steer_cpu", [&] {
+  XLK_DISPATCH_STEER(o.scalar_type(), "head_steer_cpu", [&] {
     fwd_rows<scalar_t>(o.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), gp, sp, a);
   });
   return out;
@@ -86,20 +109,20 @@ void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scala
         const scalar_t* __restrict__ dy = dout + r * D;
         if (grad_o) {
           scalar_t* __restrict__ dx = grad_o + r * D;
-          for (int64_t d = 0; d < D; ++d) dx[d] = static_cast<scalar_t>(g == 0.f ? 0.f : g * static_cast<float>(dy[d]));
+          for (int64_t d = 0; d < D; ++d) st(dx, d, g == 0.f ? 0.f : g * ld(dy, d));
         }
         if (part_shift) {
-          for (int64_t d = 0; d < D; ++d) as[d] += static_cast<float>(dy[d]);
+          for (int64_t d = 0; d < D; ++d) as[d] += ld(dy, d);
         }
         if (part_gate) {
           const scalar_t* __restrict__ x = o + b * a.sb + t * a.st + h * a.sh;
           if (g == 0.f) {  // o may be garbage at skipped heads: non-finite values count as 0
             for (int64_t d = 0; d < D; ++d) {
-              const float xv = static_cast<float>(x[d]);
-              ag[d] += std::isfinite(xv) ? static_cast<float>(dy[d]) * xv : 0.f;
+              const float xv = ld(x, d);
+              ag[d] += std::isfinite(xv) ? ld(dy, d) * xv : 0.f;
             }
           } else {
-            for (int64_t d = 0; d < D; ++d) ag[d] += static_cast<float>(dy[d]) * static_cast<float>(x[d]);
+            for (int64_t d = 0; d < D; ++d) ag[d] += ld(dy, d) * ld(x, d);
           }
         }
       }
@@ -139,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_steer_backward_cpu(
   at::Tensor part_shift = at::zeros({a.B, a.H, chunks, a.D}, o.options().dtype(at::kFloat));
   if (bh > 0 && a.T > 0 && a.D > 0) {
     const float* gp = a.gate.defined() ? a.gate.data_ptr<float>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "head_steer_backward_cpu", [&] {
+    XLK_DISPATCH_STEER(o.scalar_type(), "head_steer_backward_cpu", [&] {
       bwd_tasks<scalar_t>(dout.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), gp,
                           need_o ? grad_o.mutable_data_ptr<scalar_t>() : nullptr,
                           need_gate ? part_gate.mutable_data_ptr<float>() : nullptr,

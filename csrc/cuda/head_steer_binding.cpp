@@ -8,7 +8,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include "../cpu/head_steer.h"
+#include "../cpu/head_steer_args.h"
 #include "head_steer.h"
 
 namespace {
