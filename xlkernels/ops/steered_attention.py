@@ -18,6 +18,13 @@ OP = "steered_attention"
 backends.register_op(OP, ("cuda", "triton", "cpu", "reference"))
 
 MAX_HEAD_DIM = 256
+
+
+@torch.compiler.assume_constant_result
+def _select(device: torch.device) -> str:
+    # dynamo cannot trace backends.select (ContextVar); under torch.compile the choice is fixed at trace time
+    return backends.select(OP, device)
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference/cpu backends only
 
 
@@ -82,7 +89,7 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
         scale = D ** -0.5
     scale = float(scale)
     softcap = None if softcap is None else float(softcap)
-    which = backends.select(OP, q.device)
+    which = _select(q.device)
     if which == "reference":
         return ref.steered_attention(q, k, v, gate=gate, shift=shift, causal=causal, scale=scale,
                                      key_padding_mask=key_padding_mask, sliding_window=sliding_window,
@@ -96,8 +103,17 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
 
 
 def _head_steer(o_bthd, gate, shift):
-    from .head_steer import head_steer
-    return head_steer(o_bthd, gate, shift)
+    from . import head_steer as hs
+    if gate is not None and gate.dtype == torch.float64:
+        gate = gate.float()
+    if shift is not None and shift.dtype == torch.float64:
+        shift = shift.float()
+    if not hs.HAS_COMPILED:
+        return hs.head_steer(o_bthd, gate, shift)
+    # the backend is already chosen ('cpu'/'cuda'): call the compiled epilogue op directly (keeps
+    # torch.compile(fullgraph=True) free of a second, untraceable backend lookup)
+    hs.check_args(o_bthd, gate, shift)
+    return torch.ops.xlkernels.head_steer(o_bthd, gate, shift)
 
 
 def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_window, softcap):
@@ -120,13 +136,20 @@ def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_w
             o = o.masked_fill(empty, 0.0)
     if gate is None and shift is None:
         return o
+    if q.dtype == torch.float64:  # head_steer has no float64 kernel
+        g = ref.expand_gate(gate, B, H, o.dtype)
+        sh = ref.expand_shift(shift, B, H, D, o.dtype)
+        o = o if g is None else o * g[:, :, None, None]
+        return o if sh is None else o + sh[:, :, None, :]
     return _head_steer(o.transpose(1, 2), gate, shift).transpose(1, 2)
 
 
 # ---------------------------------------------------------------- triton: fused kernels as torch.library ops
+# custom_op (the FlashAttention pattern): opaque to torch.compile, which uses the fake impls. (triton_op would
+# let inductor trace into the launches, but cannot be traced under the Triton interpreter, where we test.)
 
 
-@torch.library.triton_op("xlkernels::steered_attention_fwd", mutates_args=())
+@torch.library.custom_op("xlkernels::steered_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
          key_padding_mask: Optional[Tensor], causal: bool, scale: float, window: int, softcap: float,
          skip_zero: bool, save_raw: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,7 +169,7 @@ def _fwd_fake(q, k, v, gate, shift, key_padding_mask, causal, scale, window, sof
     return out, o_raw, lse
 
 
-@torch.library.triton_op("xlkernels::steered_attention_bwd", mutates_args=())
+@torch.library.custom_op("xlkernels::steered_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, o_raw: Tensor, lse: Tensor,
          gate: Optional[Tensor], shift: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
          scale: float, window: int, softcap: float, need_dgate: bool,

@@ -1,0 +1,291 @@
+"""steered_attention: triton (interpreter here, compiled on GPU), cpu and reference backends vs float64.
+
+Tolerance is FlashAttention's rule: error vs float64 <= 2x the error of PyTorch math in the same dtype, for the
+output and every gradient (q, k, v, gate, shift); fp32 adds a tiny floor where the PyTorch error is ~0.
+"""
+import pytest
+import torch
+
+import xlkernels
+from xlkernels import backend
+from xlkernels.triton import attention as tri
+
+HAS_GPU = torch.cuda.is_available()
+TOL = 2.0
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(tri, "POISON", True)
+
+
+def make(B, H, Hkv, T, S, D, dtype, device="cpu", gate="bh", shift="hd", kpm=None, zero_heads=(), gate_grad=True,
+         seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    q = rnd(B, H, T, D).to(dtype)
+    k = rnd(B, Hkv, S, D).to(dtype)
+    v = rnd(B, Hkv, S, D).to(dtype)
+    gt = None
+    if gate is not None:
+        gt = (torch.rand(B, H, generator=g) + 0.5) if gate == "bh" else (torch.rand(H, generator=g) + 0.5)
+        for zh in zero_heads:
+            gt[..., zh] = 0.0
+        gt = gt.to(device)
+    sh = None
+    if shift is not None:
+        sh = rnd(H, D) if shift == "hd" else rnd(B, H, D)
+    mask = None
+    if kpm is not None:
+        mask = torch.rand(B, S, generator=g) > 0.3
+        if kpm == "full":  # batch row 0 fully padded
+            mask[0] = False
+        mask = mask.to(device)
+    leaves = [q, k, v] + ([gt] if gt is not None and gate_grad else []) + ([sh] if sh is not None else [])
+    for x in leaves:
+        x.requires_grad_(True)
+    return q, k, v, gt, sh, mask, leaves
+
+
+def run(be, q, k, v, gt, sh, mask, leaves, do, **kw):
+    with backend(be):
+        out = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh, key_padding_mask=mask, **kw)
+    grads = torch.autograd.grad(out, leaves, do) if leaves else ()
+    return out, grads
+
+
+def as64(x):
+    return None if x is None else x.detach().double().requires_grad_(x.requires_grad)
+
+
+def errs(got, ref):
+    return (got.double() - ref).abs().max().item()
+
+
+def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, **kw):
+    spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad") if n in kw}
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, **spec)
+    if not grads:
+        leaves = []
+        for x in (q, k, v, gt, sh):
+            if x is not None:
+                x.requires_grad_(False)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    out, g_out = run(be, q, k, v, gt, sh, mask, leaves, do, **kw)
+    leaves64 = [as64(x) for x in leaves]
+    sub = dict(zip([id(x) for x in leaves], leaves64))
+    a64 = [sub.get(id(x), as64(x)) for x in (q, k, v, gt, sh)]
+    ref, g_ref = run("reference", *a64, mask, leaves64, do.double(), **kw)
+    # same-dtype PyTorch math (gate/shift stay in their own dtype, like the kernels read them)
+    pt, g_pt = run("reference", q, k, v, gt, sh, mask, leaves, do, **kw)
+    names = ["out"] + [n for n, x in zip(("q", "k", "v", "gate", "shift"), (q, k, v, gt, sh)) if
+                       any(x is y for y in leaves)]
+    floor_rel = 1e-5 if dtype == torch.float32 else 1e-4
+    assert out.shape == (B, H, T, D) and out.dtype == dtype
+    rms_out_err = ((pt.double() - ref) ** 2).mean().sqrt().item()
+    for name, got, r, p in zip(names, (out, *g_out), (ref, *g_ref), (pt, *g_pt)):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        e, e_pt = errs(got, r), errs(p, r)
+        floor = floor_rel * max(1.0, r.abs().max().item())
+        if name in ("gate", "shift"):
+            # sums over n output elements: the output's rounding error random-walks; one draw of 2x is flaky,
+            # so allow 6 sigma of that walk on top (a real bug is off by O(|grad|))
+            n = out.numel() // got.numel()
+            floor += 6 * n ** 0.5 * do.double().pow(2).mean().sqrt().item() * rms_out_err
+        assert e <= TOL * e_pt + floor, f"{name}: error {e:.3e} > {TOL} x pytorch {e_pt:.3e} + {floor:.1e}"
+    return out, ref
+
+
+# A covering grid (not a product): odd T/S (1, 17, 113), T < S, T > S, GQA 6:2, MQA, D in {64, 80, 96, 256},
+# causal / non-causal, sliding window, softcap, key padding incl. a fully padded batch row, zero gates with a gate
+# grad, (H,) and (B,H) gates, (H,D) and (B,H,D) shifts, T=1 decode (split-KV), no steering.
+GRID = [
+    # B, H, Hkv, T, S, D, kwargs
+    (1, 2, 2, 17, 17, 64, dict(causal=True)),
+    (1, 6, 2, 113, 113, 64, dict(causal=True, gate="h", shift="bhd")),
+    (2, 3, 1, 17, 113, 80, dict(causal=True, kpm="full")),
+    (2, 2, 1, 33, 70, 80, dict(causal=False, softcap=30.0, kpm="some")),
+    (1, 2, 1, 113, 113, 256, dict(causal=True, sliding_window=20)),
+    (1, 2, 2, 70, 113, 96, dict(causal=False, sliding_window=33, softcap=5.0, zero_heads=(1,))),
+    (2, 4, 2, 1, 113, 64, dict(causal=True, kpm="full")),
+    (1, 2, 1, 1, 1, 64, dict(causal=True)),
+    (1, 2, 1, 17, 5, 64, dict(causal=True, gate=None, shift="bhd")),
+    (2, 2, 2, 17, 40, 64, dict(causal=False, gate=None, shift=None, kpm="some")),
+]
+
+
+def _id(c):
+    B, H, Hkv, T, S, D, kw = c
+    return f"B{B}H{H}:{Hkv}T{T}S{S}D{D}-" + "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_triton_matches_reference(case, dtype):
+    B, H, Hkv, T, S, D, kw = case
+    check_case(B, H, Hkv, T, S, D, dtype, **dict(kw))
+
+
+def test_triton_bf16_interpreter_upcast():
+    check_case(1, 4, 2, 33, 50, 64, torch.bfloat16, causal=True, kpm="some")
+
+
+@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[3], GRID[5], GRID[6]], ids=_id)
+def test_cpu_backend_matches_reference(case):
+    B, H, Hkv, T, S, D, kw = case
+    check_case(B, H, Hkv, T, S, D, torch.float32, be="cpu", **dict(kw))
+
+
+def test_fully_masked_rows_give_shift_without_nan():
+    # T > S causal: the first T - S rows see no key; batch row 0 is fully padded.
+    q, k, v, gt, sh, mask, leaves = make(2, 2, 1, 20, 9, 64, torch.float32, kpm="full")
+    do = torch.randn(2, 2, 20, 64)
+    for be in ("triton", "cpu", "reference"):
+        out, grads = run(be, q, k, v, gt, sh, mask, leaves, do)
+        assert all(torch.isfinite(x).all() for x in (out, *grads)), be
+        torch.testing.assert_close(out[0], sh[:, None].expand(2, 20, 64).detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[1, :, :11], sh[:, None].expand(2, 11, 64).detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 40])
+def test_head_skip_exact_and_not_computed(T):
+    # gate == 0 without grad: those heads output exactly shift, and their key loop never runs (NaN in their
+    # queries would otherwise show up); no NaN leaks into dk/dv through the skipped heads.
+    B, H, Hkv, S, D = 2, 4, 2, 50, 64
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float16, zero_heads=(0, 3), gate_grad=False)
+    with torch.no_grad():
+        q[:, [0, 3]] = float("nan")
+    do = torch.randn(B, H, T, D).half()
+    out, (dq, dk, dv, dsh) = run("triton", q, k, v, gt, sh, mask, leaves, do)
+    assert torch.equal(out[:, [0, 3]], sh[[0, 3]][None, :, None, :].expand(B, 2, T, D).half())
+    assert torch.isfinite(out[:, [1, 2]]).all()
+    assert torch.equal(dq[:, [0, 3]], torch.zeros_like(dq[:, [0, 3]]))
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    # the active heads still match the reference
+    q2 = q.detach().clone()
+    q2[:, [0, 3]] = 0.0
+    ref = xlkernels.reference.attention.steered_attention(q2.double(), k.double(), v.double(), gate=gt.double(),
+                                                          shift=sh.double())
+    assert (out[:, [1, 2]].double() - ref[:, [1, 2]]).abs().max() < 5e-3
+
+
+def test_zero_gate_with_grad_gives_gate_grad():
+    # LAHIS: d gate at gate == 0 is sum dO * O_raw, so the head must be computed when gate needs grad.
+    check_case(1, 4, 2, 33, 33, 64, torch.float32, zero_heads=(1, 2), gate_grad=True)
+
+
+def test_output_layout_and_strided_inputs():
+    B, H, Hkv, T, S, D = 2, 4, 2, 33, 40, 64
+    qb = torch.randn(B, T, H, D)  # (B,T,H,D) memory, as HF has it
+    kb = torch.randn(B, S, 2 * Hkv, D)[:, :, ::2]  # every other head: arbitrary strides
+    vb = torch.randn(B, S, Hkv, D)
+    q, k, v = qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)
+    with backend("triton"):
+        out = xlkernels.steered_attention(q, k, v, shift=torch.randn(H, D))
+    assert out.transpose(1, 2).is_contiguous()
+    ref = xlkernels.reference.attention.attention_raw(q.double(), k.double(), v.double())
+    with backend("triton"):
+        raw = xlkernels.steered_attention(q, k, v)
+    assert (raw.double() - ref).abs().max() < 1e-5
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = torch.randn(1, 4, 5, 64), torch.randn(1, 2, 7, 64), torch.randn(1, 2, 7, 64)
+    f = xlkernels.steered_attention
+    cases = [
+        (dict(q=torch.randn(1, 4, 5, 300), k=torch.randn(1, 2, 7, 300), v=torch.randn(1, 2, 7, 300)), "head_dim"),
+        (dict(k=torch.randn(1, 3, 7, 64), v=torch.randn(1, 3, 7, 64)), "multiple"),
+        (dict(gate=torch.ones(3)), "gate"),
+        (dict(gate=torch.ones(2, 4)), "gate"),
+        (dict(gate=torch.ones(4, dtype=torch.int32)), "gate"),
+        (dict(shift=torch.ones(4, 63)), "shift"),
+        (dict(key_padding_mask=torch.ones(1, 6, dtype=torch.bool)), "key_padding_mask"),
+        (dict(key_padding_mask=torch.ones(1, 7)), "key_padding_mask"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(k=k.half()), "dtype"),
+        (dict(v=torch.randn(1, 2, 8, 64)), "v"),
+        (dict(q=torch.randn(4, 5, 64)), "q"),
+    ]
+    for kw, word in cases:
+        args = dict(q=q, k=k, v=v)
+        args.update(kw)
+        a = (args.pop("q"), args.pop("k"), args.pop("v"))
+        with pytest.raises((ValueError, TypeError), match=word):
+            f(*a, **args)
+    if HAS_GPU:
+        with pytest.raises(ValueError, match="gate"):
+            f(q, k, v, gate=torch.ones(4, device="cuda"))
+
+
+def test_opcheck():
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 11, 16), torch.randn(1, 1, 11, 16)
+    g, sh, m = torch.rand(1, 2) + 0.5, torch.randn(1, 2, 16), torch.rand(1, 11) > 0.2
+    for x in (q, k, v, g, sh):
+        x.requires_grad_(True)
+    op = torch.ops.xlkernels.steered_attention_fwd
+    torch.library.opcheck(op, (q, k, v, g, sh, m, True, 0.25, 4, 10.0, False, True))
+    torch.library.opcheck(op, (q, k, v, None, None, None, False, 0.25, 0, 0.0, False, False))
+    out, o_raw, lse = op(q, k, v, g, sh, m, True, 0.25, 0, 0.0, False, True)
+    do = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.xlkernels.steered_attention_bwd,
+                          (do, q.detach(), k.detach(), v.detach(), out.detach(), o_raw, lse, g.detach(),
+                           sh.detach(), m, True, 0.25, 0, 0.0, True, True))
+
+
+@pytest.mark.parametrize("be", ["reference", "cpu", "triton"])
+def test_torch_compile_fullgraph(be):
+    torch._dynamo.reset()
+    B, H, Hkv, T, S, D = 1, 4, 2, 9, 12, 16
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float32, kpm="some")
+
+    def f(q, k, v, gate, shift, mask):
+        return xlkernels.steered_attention(q, k, v, gate=gate, shift=shift, key_padding_mask=mask,
+                                           sliding_window=6) * 2.0
+
+    with backend(be):
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        a = cf(q, k, v, gt, sh, mask)
+        b = f(q, k, v, gt, sh, mask)
+        ga = torch.autograd.grad(a.sum(), leaves)
+        gb = torch.autograd.grad(b.sum(), leaves)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ GPU: compiled Triton path, bf16/fp16
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_gpu_triton_matches_reference(case, dtype):
+    B, H, Hkv, T, S, D, kw = case
+    spec = dict(kw)
+    _gpu_case(B, H, Hkv, T, S, D, dtype, spec)
+
+
+def _gpu_case(B, H, Hkv, T, S, D, dtype, kw):
+    spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad") if n in kw}
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, device="cuda", **spec)
+    do = torch.randn(B, H, T, D, device="cuda").to(dtype)
+    out, g_out = run("triton", q, k, v, gt, sh, mask, leaves, do, **kw)
+    l64 = [as64(x) for x in leaves]
+    sub = dict(zip([id(x) for x in leaves], l64))
+    a64 = [sub.get(id(x), as64(x)) for x in (q, k, v, gt, sh)]
+    ref, g_ref = run("reference", *a64, mask, l64, do.double(), **kw)
+    pt, g_pt = run("reference", q, k, v, gt, sh, mask, leaves, do, **kw)
+    for got, r, p in zip((out, *g_out), (ref, *g_ref), (pt, *g_pt)):
+        assert torch.isfinite(got).all()
+        assert errs(got, r) <= TOL * errs(p, r) + 1e-4 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_large(D):
+    _gpu_case(2, 16, 4, 1000, 1000, D, torch.bfloat16, dict(causal=True, kpm="some"))
+    _gpu_case(1, 8, 8, 1, 4097, D, torch.bfloat16, dict(causal=True))
