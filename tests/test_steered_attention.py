@@ -65,15 +65,15 @@ def errs(got, ref):
     return (got.double() - ref).abs().max().item()
 
 
-def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, **kw):
+def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device="cpu", **kw):
     spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad") if n in kw}
-    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, **spec)
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, device=device, **spec)
     if not grads:
         leaves = []
         for x in (q, k, v, gt, sh):
             if x is not None:
                 x.requires_grad_(False)
-    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7)).to(device=device, dtype=dtype)
     out, g_out = run(be, q, k, v, gt, sh, mask, leaves, do, **kw)
     leaves64 = [as64(x) for x in leaves]
     sub = dict(zip([id(x) for x in leaves], leaves64))
@@ -265,27 +265,25 @@ def test_torch_compile_fullgraph(be):
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_gpu_triton_matches_reference(case, dtype):
     B, H, Hkv, T, S, D, kw = case
-    spec = dict(kw)
-    _gpu_case(B, H, Hkv, T, S, D, dtype, spec)
-
-
-def _gpu_case(B, H, Hkv, T, S, D, dtype, kw):
-    spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad") if n in kw}
-    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, device="cuda", **spec)
-    do = torch.randn(B, H, T, D, device="cuda").to(dtype)
-    out, g_out = run("triton", q, k, v, gt, sh, mask, leaves, do, **kw)
-    l64 = [as64(x) for x in leaves]
-    sub = dict(zip([id(x) for x in leaves], l64))
-    a64 = [sub.get(id(x), as64(x)) for x in (q, k, v, gt, sh)]
-    ref, g_ref = run("reference", *a64, mask, l64, do.double(), **kw)
-    pt, g_pt = run("reference", q, k, v, gt, sh, mask, leaves, do, **kw)
-    for got, r, p in zip((out, *g_out), (ref, *g_ref), (pt, *g_pt)):
-        assert torch.isfinite(got).all()
-        assert errs(got, r) <= TOL * errs(p, r) + 1e-4 * max(1.0, r.abs().max().item())
+    check_case(B, H, Hkv, T, S, D, dtype, device="cuda", **dict(kw))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_large(D):
-    _gpu_case(2, 16, 4, 1000, 1000, D, torch.bfloat16, dict(causal=True, kpm="some"))
-    _gpu_case(1, 8, 8, 1, 4097, D, torch.bfloat16, dict(causal=True))
+    check_case(2, 16, 4, 1000, 1000, D, torch.bfloat16, device="cuda", causal=True, kpm="some")
+    check_case(2, 8, 8, 777, 1500, D, torch.float16, device="cuda", causal=False, sliding_window=300)
+    check_case(1, 8, 2, 1, 4097, D, torch.bfloat16, device="cuda", causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_head_skip_and_compile():
+    q, k, v, gt, sh, mask, leaves = make(2, 8, 2, 300, 300, 128, torch.bfloat16, device="cuda", zero_heads=(0, 5),
+                                         gate_grad=False)
+    with torch.no_grad():
+        q[:, [0, 5]] = float("nan")
+    f = torch.compile(lambda *a: xlkernels.steered_attention(*a, gate=gt, shift=sh), fullgraph=True)
+    with backend("triton"):
+        out = f(q, k, v)
+    assert torch.equal(out[:, [0, 5]], sh[[0, 5]][None, :, None, :].expand(2, 2, 300, 128).bfloat16())
+    assert torch.isfinite(out).all()

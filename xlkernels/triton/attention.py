@@ -314,43 +314,49 @@ def _bwd_pre_kernel(O, DO, Delta, DGate, DShift, sob, soh, sot, sdb, sdh, sdt, H
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, kT, vT, kp, g, Q, DO, Lse, Delta, sqt, sdt, start, stop, offs_n, offs_d, T, S, off,
+def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, sqt, sdt, start, stop, offs_n, offs_d, T, S, off,
                 window, scale_log2, sc_scale, sc_log2,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
                 PREC: tl.constexpr):
+    """Transposed form (as the Triton tutorial): scores^T = k q^T is (BLOCK_N, BLOCK_M), no transposes of P."""
     offs_m0 = tl.arange(0, BLOCK_M)
     dmask = offs_d < HEAD_D
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + offs_m0
         if MASK:
             mm = offs_m < T
-            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=mm[:, None] & dmask[None, :], other=0.0)
+            qT = tl.load(Q + offs_m[None, :] * sqt + offs_d[:, None], mask=mm[None, :] & dmask[:, None], other=0.0)
             do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=mm[:, None] & dmask[None, :],
                          other=0.0)
             lse = tl.load(Lse + offs_m, mask=mm, other=float("inf"))
             delta = tl.load(Delta + offs_m, mask=mm, other=0.0)
         else:
-            q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=dmask[None, :], other=0.0)
+            qT = tl.load(Q + offs_m[None, :] * sqt + offs_d[:, None], mask=dmask[:, None], other=0.0)
             do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=dmask[None, :], other=0.0)
             lse = tl.load(Lse + offs_m)
             delta = tl.load(Delta + offs_m)
         if UPCAST:
-            q = q.to(tl.float32)
+            qT = qT.to(tl.float32)
             do = do.to(tl.float32)
-        s, t = _scores(q, kT, scale_log2, sc_scale, sc_log2, HAS_SOFTCAP, PREC)
-        p = tl.exp2(s - lse[:, None])
+        sT, tT = _scores(k, qT, scale_log2, sc_scale, sc_log2, HAS_SOFTCAP, PREC)
+        pT = tl.exp2(sT - lse[None, :])
         if MASK:
-            p = tl.where(_pos_mask(offs_m, offs_n, S, off, window, CAUSAL, HAS_WINDOW), p, 0.0)
-        if HAS_KPM:
-            p = tl.where(kp[None, :] != 0, p, 0.0)
-        pg = p * g
-        dv = tl.dot(tl.trans(pg.to(do.dtype)), do, dv, input_precision=PREC)
-        dp = tl.dot(do, vT, input_precision=PREC)
-        ds = pg * (dp - delta[:, None])
+            pos = offs_m[None, :] + off
+            j = offs_n[:, None]
+            ok = j < S
+            if CAUSAL or HAS_WINDOW:
+                ok = ok & (j <= pos)
+            if HAS_WINDOW:
+                ok = ok & (j > pos - window)
+            pT = tl.where(ok, pT, 0.0)
+        pT = tl.where(kp[:, None] != 0, pT, 0.0) * g  # padded or out-of-range keys
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
     return dk, dv
 
 
@@ -395,12 +401,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < S
     dmask = offs_d < HEAD_D
-    kvmask = nmask[None, :] & dmask[:, None]
-    kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
-    vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svs + offs_d[:, None], mask=kvmask, other=0.0)
+    kvmask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kvmask, other=0.0)
     if UPCAST:
-        kT = kT.to(tl.float32)
-        vT = vT.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     kp = nmask.to(tl.int8)
     if HAS_KPM:
         kp = tl.load(Kpm + b * skpb + offs_n, mask=nmask, other=0).to(tl.int8)
@@ -418,17 +424,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
         do_base = DO + b * sdb + h * sdh
         lse_base = Lse + (b * H + h) * T
         dl_base = Delta + (b * H + h) * T
-        dk, dv = _dkdv_inner(dk, dv, kT, vT, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
                              lo, tl.minimum(full_lo, stop), offs_n, offs_d, T, S, off, window, scale_log2,
-                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, True, HAS_SOFTCAP, HEAD_D, BLOCK_M,
+                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D, BLOCK_M,
                              UPCAST, PREC)
-        dk, dv = _dkdv_inner(dk, dv, kT, vT, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
                              tl.minimum(full_lo, stop), tl.minimum(full_hi, stop), offs_n, offs_d, T, S, off,
-                             window, scale_log2, sc_scale, sc_log2, False, CAUSAL, HAS_WINDOW, True, HAS_SOFTCAP,
+                             window, scale_log2, sc_scale, sc_log2, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                              HEAD_D, BLOCK_M, UPCAST, PREC)
-        dk, dv = _dkdv_inner(dk, dv, kT, vT, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
                              tl.minimum(full_hi, stop), stop, offs_n, offs_d, T, S, off, window, scale_log2,
-                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, True, HAS_SOFTCAP, HEAD_D, BLOCK_M,
+                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D, BLOCK_M,
                              UPCAST, PREC)
     smask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
