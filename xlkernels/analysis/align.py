@@ -38,6 +38,16 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(mask.long(), -1) - 1).clamp_min(0)
 
 
+def _no_logits(model):
+    """Skip the LM head on all but one position (a 262k vocab head costs more than the layers)."""
+    import inspect
+    try:
+        ok = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        ok = False
+    return {"logits_to_keep": 1} if ok else {}
+
+
 def _device(model):
     return next(model.parameters()).device
 
@@ -84,7 +94,8 @@ def embed_many(model, tok, texts, poolings=("weighted",), batch_size=8, max_leng
     for idx, batch in _batches(tok, texts, batch_size, max_length):
         mask = batch["attention_mask"].to(dev)
         res = model(input_ids=batch["input_ids"].to(dev), attention_mask=mask,
-                    position_ids=position_ids(mask), output_hidden_states=True, use_cache=False)
+                    position_ids=position_ids(mask), output_hidden_states=True, use_cache=False,
+                    **_no_logits(model))
         hs = torch.stack(res.hidden_states)   # (L+1, B, T, D)
         for p in poolings:
             e = pool(hs, mask, p).cpu()
