@@ -133,9 +133,11 @@ def test_triton_bf16_interpreter_upcast():
     check_case(1, 4, 2, 33, 50, 64, torch.bfloat16, causal=True, kpm="some")
 
 
-@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[3], GRID[5], GRID[6]], ids=_id)
+@pytest.mark.parametrize("case", GRID, ids=_id)
 def test_cpu_backend_matches_reference(case):
     B, H, Hkv, T, S, D, kw = case
+    if (T, S) == (113, 113) and D == 256:
+        T = S = 40  # keep the math path small
     check_case(B, H, Hkv, T, S, D, torch.float32, be="cpu", **dict(kw))
 
 

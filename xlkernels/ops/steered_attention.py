@@ -42,6 +42,8 @@ def _validate(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_win
     Hkv, S = k.shape[1], k.shape[2]
     _checks.tensor(k, "k", shape=(B, None, None, D))
     _checks.tensor(v, "v", shape=(B, Hkv, S, D))
+    if S == 0:
+        raise ValueError(f"k and v must hold at least one key (k.shape[2] >= 1), got shape {tuple(k.shape)}")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) (GQA/MQA)")
     if gate is not None:
@@ -124,6 +126,13 @@ def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_w
         o = ref.attention_raw(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                               sliding_window=sliding_window, softcap=softcap)
     else:
+        # plain causal with T == S (prefill) or T == 1 (decode: the last position sees every key) needs no mask
+        # tensor, which keeps SDPA on its flash/cuDNN kernels
+        simple = key_padding_mask is None and sliding_window is None and (not causal or T == S or T == 1)
+        if simple:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal and T > 1, scale=scale, enable_gqa=k.shape[1] != H)
+            return _epilogue(o, gate, shift)
         mask = ref.full_mask(B, T, S, causal, sliding_window, key_padding_mask, q.device)
         empty = None
         if mask is not None:
@@ -134,9 +143,14 @@ def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_w
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
         if empty is not None:
             o = o.masked_fill(empty, 0.0)
+    return _epilogue(o, gate, shift)
+
+
+def _epilogue(o, gate, shift):
+    B, H, T, D = o.shape
     if gate is None and shift is None:
         return o
-    if q.dtype == torch.float64:  # head_steer has no float64 kernel
+    if o.dtype == torch.float64:  # head_steer has no float64 kernel
         g = ref.expand_gate(gate, B, H, o.dtype)
         sh = ref.expand_shift(shift, B, H, D, o.dtype)
         o = o if g is None else o * g[:, :, None, None]
