@@ -47,7 +47,7 @@ def _consume(x, g, rmask, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_po
         a_sum = tl.zeros_like(a_sum)
         a_sq = tl.zeros_like(a_sq)
         a_mx = tl.full(a_mx.shape, float("-inf"), tl.float32)
-        cur = -1
+        cur = cur * 0 - 1
     valid = (gv >= 0)[:, None] & cmask[None, :]
     x64 = x.to(tl.float64)
     isnan = x != x
