@@ -1,0 +1,124 @@
+"""`xlkernels heads`: LAHIS language attention head importance, language-specific and -general heads."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .neurons import add_model_arguments, load_corpus, load_model_from_args
+
+HELP = ("find language attention heads: LAHIS head importance per language (one forward+backward per batch), "
+        "top 4 percent heads, language-general and language-specific heads")
+EXAMPLES = """\
+  xlkernels heads                                     # embedded Gemma-3-270M, embedded parallel corpus
+  xlkernels heads --langs en,de,fr,es,zh_Hans --n 200 --out runs/heads
+  xlkernels heads --mode paper --batch-size 1         # the released code: AdamW step on the mask per text
+  xlkernels heads --mask-lang de --mask-value 0       # also write a plan that switches off German's heads
+  xlkernels heads --model ~/models/Llama-3.2-3B --texts en=wiki.en.txt --texts de=wiki.de.txt
+  xlkernels heads --tiny llama --n 8 --no-progress    # random tiny model (smoke test)
+outputs in --out: heads.json (scores, top/general/specific flat ids = layer*H + head), scores.safetensors
+(scores.<lang>: (L, H)), heads.png (all languages), heads_<lang>.png, plan.safetensors/.json with --mask-lang
+"""
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
+                   "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
+    d.add_argument("--n", type=int, default=100, help="texts per language (default 100; the paper uses 1000)")
+    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
+                   help="use your own texts for LANG (JSONL/TSV/plain, repeatable; replaces the embedded corpus)")
+    d.add_argument("--batch-size", type=int, default=8, help="texts per forward+backward (gradient mode)")
+    d.add_argument("--max-length", type=int, default=128, help="tokens per text (the paper truncates at 2048)")
+    a = p.add_argument_group("scores")
+    a.add_argument("--mode", default="gradient", choices=("gradient", "paper"),
+                   help="gradient: gradient at gate 1, batched; paper: the released code's per-text AdamW drift")
+    a.add_argument("--q", type=float, default=0.96, help="quantile for the per-language top list (0.96 = top 4%%)")
+    a.add_argument("--min-rep", type=int, default=4, help="a head in >= this many lists is language-general "
+                   "(clamped to the number of languages)")
+    m = p.add_argument_group("plan")
+    m.add_argument("--mask-lang", default=None, metavar="LANG", help="write plan.safetensors setting LANG's "
+                   "language-specific heads to --mask-value")
+    m.add_argument("--mask-value", type=float, default=0.0, help="gate value (0 = ablate, 3 = enhance; default 0)")
+    m.add_argument("--mask-n", type=int, default=None, help="heads to set (default int(L*H*0.02), at least 1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="xlk_heads", help="output directory (default ./xlk_heads)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check(args):
+    for name in ("n", "batch_size", "max_length", "min_rep"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.q < 1.0:
+        raise ValueError(f"--q must be in [0, 1), got {args.q}")
+    if args.mask_n is not None and args.mask_n < 1:
+        raise ValueError("--mask-n must be >= 1")
+
+
+def fmt_heads(ids, H, limit=12):
+    s = " ".join(f"{i // H}.{i % H}" for i in ids[:limit])
+    return s + (f" (+{len(ids) - limit})" if len(ids) > limit else "")
+
+
+def run(args) -> int:
+    import xlkernels
+    from safetensors.torch import save_file
+
+    from xlkernels.analysis import heads as lahis
+    from xlkernels.analysis import plots
+    from xlkernels.analysis.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.soft_mask import default_k
+
+    _check(args)
+    progress = not args.no_progress
+    model, tok, name = load_model_from_args(args, progress)
+    corpus = load_corpus(args, args.n)
+    if args.mask_lang is not None and args.mask_lang not in corpus:
+        raise ValueError(f"--mask-lang {args.mask_lang!r} is not one of the languages {list(corpus)}")
+    steerer = xlkernels.patch(model)
+    L, H = steerer.num_layers, steerer.num_heads
+    print(f"model {name}: {L} layers x {H} heads; languages {', '.join(corpus)}; "
+          f"{min(len(t) for t in corpus.values())} texts each; mode {args.mode}", file=sys.stderr)
+    scores, seconds = {}, {}
+    for lang, texts in corpus.items():
+        t0 = time.perf_counter()
+        scores[lang] = lahis.lahis_scores(steerer, tok, texts, mode=args.mode, batch_size=args.batch_size,
+                                          max_length=args.max_length, progress=progress)
+        seconds[lang] = round(time.perf_counter() - t0, 3)
+    sets = lahis.head_sets(scores, q=args.q, min_rep=args.min_rep)
+
+    os.makedirs(args.out, exist_ok=True)
+    save_file({f"scores.{x}": s.contiguous() for x, s in scores.items()}, os.path.join(args.out, "scores.safetensors"),
+              metadata={"languages": json.dumps(list(scores)), "mode": args.mode})
+    summary = {"model": name, "num_layers": L, "num_heads": H, "languages": list(scores), "mode": args.mode,
+               "n": {x: len(t) for x, t in corpus.items()}, "max_length": args.max_length, "q": args.q,
+               "min_rep": sets["min_rep"], "flat_id": "layer * num_heads + head", "seconds": seconds,
+               "top": sets["top"], "general": sets["general"], "specific": sets["specific"],
+               "scores": {x: s.tolist() for x, s in scores.items()}}
+    with open(os.path.join(args.out, "heads.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plots.head_heatmaps(scores, os.path.join(args.out, "heads.png"), title=f"LAHIS ({name}, {args.mode})")
+    for x, s in scores.items():
+        plots.head_heatmaps({x: s}, os.path.join(args.out, f"heads_{x}.png"), title=f"LAHIS {x}")
+    wrote = ["heads.json", "scores.safetensors", "heads.png", "heads_<lang>.png"]
+    if args.mask_lang is not None:
+        n = args.mask_n or default_k(L, H)
+        ids = sets["specific"][args.mask_lang][:n]
+        gate = torch.ones(L * H)
+        gate[ids] = args.mask_value
+        meta = model_meta(steerer)
+        meta.update(model=name, corpus_languages=list(scores), source="xlkernels heads", mask_lang=args.mask_lang,
+                    mask_heads=ids)
+        SteeringPlan(gate=gate.view(L, H), meta=meta).save(os.path.join(args.out, "plan.safetensors"))
+        wrote.append("plan.safetensors")
+        print(f"plan: gate {args.mask_value:g} on {len(ids)} {args.mask_lang}-specific heads", file=sys.stderr)
+
+    print(f"{'lang':<8}{'top':>5}{'specific':>10}  specific heads (layer.head, by score)")
+    for x in scores:
+        print(f"{x:<8}{len(sets['top'][x]):>5}{len(sets['specific'][x]):>10}  {fmt_heads(sets['specific'][x], H)}")
+    print(f"general heads (in >= {sets['min_rep']} lists): {fmt_heads(sets['general'], H) or '-'}")
+    print(f"wrote {args.out}/" + ", ".join(wrote))
+    return 0
