@@ -277,3 +277,78 @@ def test_compiled_patched_model_matches(arch):
         got = torch.compile(model, backend="aot_eager")(input_ids=ids, attention_mask=mask).logits
     torch._dynamo.reset()
     assert rel(got, want, mask) < 1e-5
+
+
+def test_accelerate_hooked_mlps():
+    """MLPs wrapped by accelerate's device hooks (device_map models): the hook stays, glu runs inside it."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    model = tiny("llama")
+    ids, mask = batch()
+    mlps = [layer.mlp for layer in parts(model)[1]]
+    for m in mlps:
+        add_hook_to_module(m, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    hooked_forward = [m.__dict__["forward"] for m in mlps]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        st = xlkernels.patch(model)
+        assert all(m.__dict__["forward"] is f for m, f in zip(mlps, hooked_forward))
+        idx = {0: torch.tensor([3, 9])}
+        st.deactivate_neurons(idx)
+        with xlkernels.backend("reference"):
+            out = model(input_ids=ids, attention_mask=mask).logits
+        st.reset()
+        with xlkernels.backend("reference"):
+            same = model(input_ids=ids, attention_mask=mask).logits
+        xlkernels.unpatch(model)
+        back = model(input_ids=ids, attention_mask=mask).logits
+    assert rel(same, ref, mask) < 1e-5 and rel(out, ref, mask) > 1e-4
+    assert torch.equal(back, ref)
+    assert not any("_xlk_saved" in m.__dict__ for m in mlps)
+    for m in mlps:
+        remove_hook_from_module(m)
+
+
+def test_mask_fn_gives_kernel_a_padding_mask_only():
+    from transformers.masking_utils import (and_masks, causal_mask_function, or_masks,
+                                            sliding_window_causal_mask_function)
+
+    from xlkernels.hf.attention import _is_plain, mask_fn
+
+    assert _is_plain(causal_mask_function) and _is_plain(sliding_window_causal_mask_function(4))
+    assert not _is_plain(or_masks(causal_mask_function, lambda b, h, q, k: k == 0))
+    assert not _is_plain(and_masks(causal_mask_function, lambda b, h, q, k: k >= 0))
+    pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert mask_fn(2, 4, 4, attention_mask=pad).dtype == torch.bool
+    assert mask_fn(2, 4, 4, attention_mask=torch.ones(2, 4, dtype=torch.bool)) is None
+    pad2 = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask_fn(2, 1, 3, mask_function=sliding_window_causal_mask_function(3),
+                               attention_mask=pad2), pad2[:, 1:])  # truncated cache: last kv_length slots
+    full = mask_fn(2, 4, 4, mask_function=or_masks(causal_mask_function, lambda b, h, q, k: k == 0),
+                   attention_mask=pad.bool())
+    assert full.shape == (2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral", "gemma2"])
+def test_no_full_mask_on_the_plain_path(arch, monkeypatch):
+    """Padded prefill and decode on sliding/full layers never build or use a 4D mask."""
+    import xlkernels.hf.attention as A
+
+    def boom(*a, **k):
+        raise AssertionError("4D mask path used")
+
+    monkeypatch.setattr(A, "_math_attention", boom)
+    monkeypatch.setattr(A, "sdpa_mask", boom)
+    model = tiny(arch)
+    ids, mask = batch(T=7)
+    xlkernels.patch(model)
+    with torch.no_grad(), xlkernels.backend("reference"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def test_unsupported_activation_error():
+    from xlkernels.models import tiny_model
+
+    model, _ = tiny_model("llama", hidden_act="relu")
+    with pytest.raises(ValueError, match="activation ReLU"):
+        xlkernels.patch(model)
