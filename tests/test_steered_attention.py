@@ -101,7 +101,7 @@ def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device="cpu",
 
 # A covering grid (not a product): odd T/S (1, 17, 113), T < S, T > S, GQA 6:2, MQA, D in {64, 80, 96, 256},
 # causal / non-causal, sliding window, softcap, key padding incl. a fully padded batch row, zero gates with a gate
-# grad, (H,) and (B,H) gates, (H,D) and (B,H,D) shifts, T=1 decode (split-KV), no steering.
+# grad, (H,) and (B,H) gates, (H,D) and (B,H,D) shifts, T=1 and T=5 decode (split-KV, GQA-packed), no steering.
 GRID = [
     # B, H, Hkv, T, S, D, kwargs
     (1, 2, 2, 17, 17, 64, dict(causal=True)),
@@ -111,6 +111,7 @@ GRID = [
     (1, 2, 1, 113, 113, 256, dict(causal=True, sliding_window=20)),
     (1, 2, 2, 70, 113, 96, dict(causal=False, sliding_window=33, softcap=5.0, zero_heads=(1,))),
     (2, 4, 2, 1, 113, 64, dict(causal=True, kpm="full")),
+    (1, 6, 2, 5, 70, 80, dict(causal=True, sliding_window=30, kpm="some", shift="bhd")),
     (1, 2, 1, 1, 1, 64, dict(causal=True)),
     (1, 2, 1, 17, 5, 64, dict(causal=True, gate=None, shift="bhd")),
     (2, 2, 2, 17, 40, 64, dict(causal=False, gate=None, shift=None, kpm="some")),

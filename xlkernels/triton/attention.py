@@ -212,6 +212,8 @@ def _fwd_epilogue(acc, m_i, l_i, g, b, h, offs_m, offs_d, mmask, dmask, Out, ORa
 
 
 # ------------------------------------------------------------------ split-KV decode (small T)
+# One program per (key split, batch, pack of PACK query heads sharing a KV head): the M rows are
+# (head, position) pairs, r -> head h0 + r // T, position r % T, so K/V are read once per GQA group.
 
 
 @triton.jit
@@ -220,39 +222,43 @@ def _split_kernel(Q, K, V, Acc, Ml, Gate, Kpm,
                   H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, split_len,
                   HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, SKIP_ZERO: tl.constexpr, UPCAST: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial attention of all T (<= BLOCK_M) rows over keys [split*split_len, (split+1)*split_len)."""
+                  PREC: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Partial attention of PACK heads x T rows (<= BLOCK_M) over keys [split*split_len, (split+1)*split_len)."""
     sp = tl.program_id(0)
-    bh = tl.program_id(1)
+    bp = tl.program_id(1)
     nsplit = tl.num_programs(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
+    npack = H // PACK
+    b = (bp // npack).to(tl.int64)
+    h0 = (bp % npack).to(tl.int64) * PACK
+    hk = h0 // GROUP
     off = S - T
-    offs_m = tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    hrow = h0 + r // T
+    trow = r % T
+    rmask = r < PACK * T
     offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < T
     dmask = offs_d < HEAD_D
     lo, _a, _b, hi = _key_ranges(0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     start = tl.maximum(sp * split_len, lo)
     stop = tl.minimum((sp + 1) * split_len, hi)
     stop = tl.maximum(stop, start)
     if HAS_GATE:
-        if SKIP_ZERO:
-            g = tl.load(Gate + b * sgb + h * sgh).to(tl.float32)
-            stop = tl.where(g == 0.0, start, stop)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0)
+        if SKIP_ZERO:  # every head of the pack masked: no key loop
+            g = tl.load(Gate + b * sgb + hrow * sgh, mask=rmask, other=0.0).to(tl.float32)
+            stop = tl.where(tl.max(tl.abs(g), 0) == 0.0, start, stop)
+    q = tl.load(Q + b * sqb + hrow[:, None] * sqh + trow[:, None] * sqt + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh, Kpm + b * skpb,
-                               sks, svs, start, stop, offs_m, offs_d, S, off, window, scale_log2, sc_scale,
+                               sks, svs, start, stop, trow, offs_d, S, off, window, scale_log2, sc_scale,
                                sc_log2, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HEAD_D, BLOCK_N, BLOCK_D,
                                UPCAST, PREC)
-    row = (bh * nsplit + sp) * BLOCK_M + offs_m
+    row = (bp * nsplit + sp) * BLOCK_M + r
     tl.store(Acc + row[:, None] * BLOCK_D + offs_d[None, :], acc)
     tl.store(Ml + row * 2, m_i)
     tl.store(Ml + row * 2 + 1, l_i)
@@ -261,30 +267,47 @@ def _split_kernel(Q, K, V, Acc, Ml, Gate, Kpm,
 @triton.jit
 def _combine_kernel(Acc, Ml, Out, ORaw, Lse, Gate, Shift, NSPLIT,
                     sob, soh, sot, srb, srh, srt, sgb, sgh, ssb, ssh, H, T,
-                    HEAD_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SAVE_RAW: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
+                    HEAD_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr,
+                    SAVE_RAW: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    bp = tl.program_id(0)
+    npack = H // PACK
+    b = (bp // npack).to(tl.int64)
+    h0 = (bp % npack).to(tl.int64) * PACK
+    r = tl.arange(0, BLOCK_M)
+    hrow = h0 + r // T
+    trow = r % T
+    rmask = r < PACK * T
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for sp in range(0, NSPLIT):
-        row = (bh * NSPLIT + sp) * BLOCK_M + offs_m
-        m_i = tl.maximum(m_i, tl.load(Ml + row * 2))
+        m_i = tl.maximum(m_i, tl.load(Ml + ((bp * NSPLIT + sp) * BLOCK_M + r) * 2))
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for sp in range(0, NSPLIT):
-        row = (bh * NSPLIT + sp) * BLOCK_M + offs_m
+        row = (bp * NSPLIT + sp) * BLOCK_M + r
         w = tl.exp2(tl.load(Ml + row * 2) - m_safe)
         l_i += w * tl.load(Ml + row * 2 + 1)
         acc += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_D + offs_d[None, :])
-    g = 1.0
+    empty = l_i == 0.0
+    o_raw = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_safe + tl.log2(tl.where(empty, 1.0, l_i)))
+    out = o_raw
     if HAS_GATE:
-        g = tl.load(Gate + b * sgb + h * sgh).to(tl.float32)
-    _fwd_epilogue(acc, m_safe, l_i, g, b, h, offs_m, offs_d, offs_m < T, offs_d < HEAD_D, Out, ORaw, Lse, Shift,
-                  sob, soh, sot, srb, srh, srt, ssb, ssh, H, T, HAS_SHIFT, SAVE_RAW)
+        g = tl.load(Gate + b * sgb + hrow * sgh, mask=rmask, other=0.0).to(tl.float32)
+        out = o_raw * g[:, None]
+        if SKIP_ZERO:  # hard head mask: exactly shift, whatever the packed rows computed
+            out = tl.where(g[:, None] == 0.0, 0.0, out)
+    omask = rmask[:, None] & dmask[None, :]
+    if HAS_SHIFT:
+        out += tl.load(Shift + b * ssb + hrow[:, None] * ssh + offs_d[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(Out + b * sob + hrow[:, None] * soh + trow[:, None] * sot + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=omask)
+    if SAVE_RAW:
+        tl.store(ORaw + b * srb + hrow[:, None] * srh + trow[:, None] * srt + offs_d[None, :],
+                 o_raw.to(ORaw.dtype.element_ty), mask=omask)
+    tl.store(Lse + (b * H + hrow) * T + trow, lse, mask=rmask)
 
 
 # ------------------------------------------------------------------ backward
@@ -648,28 +671,32 @@ def forward(q, k, v, gate, shift, kpm, causal, scale, window, softcap, skip_zero
 
 
 def _decode(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, consts, scal, skip, save_raw):
-    """Flash-decoding: split the keys over programs, then merge the partial softmaxes and apply the epilogue."""
+    """Flash-decoding: split the keys over programs (each takes the query heads of one KV head, so K/V are read
+    once per group), then merge the partial softmaxes and apply the gate/shift epilogue."""
+    group = H // Hkv
+    pack = group if group * T <= 64 else 1
+    block_m = max(16, triton.next_power_of_2(pack * T))
     block_n = 32 if INTERP else 64
-    block_m = 16
     block_d = consts["BLOCK_D"]
-    nsplit = _num_splits(B, H, S, block_n, q.device)
+    nprog = B * H // pack
+    nsplit = _num_splits(nprog, 1, S, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(S, block_n), nsplit) * block_n
     nsplit = max(1, triton.cdiv(S, split_len))
-    acc = _empty(B * H * nsplit * block_m, block_d, dtype=torch.float32, device=q.device)
-    ml = _empty(B * H * nsplit * block_m, 2, dtype=torch.float32, device=q.device)
+    acc = _empty(nprog * nsplit * block_m, block_d, dtype=torch.float32, device=q.device)
+    ml = _empty(nprog * nsplit * block_m, 2, dtype=torch.float32, device=q.device)
     c = {n: consts[n] for n in ("HEAD_D", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_GATE", "UPCAST",
                                 "PREC", "BLOCK_D")}
     extra = {} if INTERP else {"num_warps": 4, "num_stages": 3}
-    _split_kernel[(nsplit, B * H)](
+    _split_kernel[(nsplit, nprog)](
         q, k, v, acc, ml, g, kp, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), gs[0], gs[1], kps, H, H // Hkv, T, S, scal["window"],
-        scal["scale_log2"], scal["sc_scale"], scal["sc_log2"], split_len, **c, SKIP_ZERO=skip,
+        v.stride(0), v.stride(1), v.stride(2), gs[0], gs[1], kps, H, group, T, S, scal["window"],
+        scal["scale_log2"], scal["sc_scale"], scal["sc_log2"], split_len, **c, SKIP_ZERO=skip, PACK=pack,
         BLOCK_M=block_m, BLOCK_N=block_n, **extra)
-    _combine_kernel[(B * H,)](
+    _combine_kernel[(nprog,)](
         acc, ml, out, o_r, lse, g, sh, nsplit, out.stride(0), out.stride(1), out.stride(2),
         o_r.stride(0), o_r.stride(1), o_r.stride(2), gs[0], gs[1], ss[0], ss[1], H, T,
-        HEAD_D=consts["HEAD_D"], HAS_GATE=consts["HAS_GATE"], HAS_SHIFT=sh is not q, SAVE_RAW=save_raw,
-        BLOCK_M=block_m, BLOCK_D=block_d)
+        HEAD_D=consts["HEAD_D"], HAS_GATE=consts["HAS_GATE"], HAS_SHIFT=sh is not q, SKIP_ZERO=skip,
+        SAVE_RAW=save_raw, PACK=pack, BLOCK_M=block_m, BLOCK_D=block_d, **({} if INTERP else {"num_warps": 4}))
 
 
 def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, window, softcap, need_dgate,
