@@ -119,6 +119,17 @@ def _progress(it, total, desc, enabled):
     return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 
 
+def _forward(model, input_ids, mask):
+    """Forward for the statistics only: no cache, and logits of the last position only (the LM head of a
+    262k vocabulary costs more than the layers of a small model) when the model supports it."""
+    try:
+        return model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        return model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+
+
 @torch.no_grad()
 def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8, max_length: int = 256,
                   progress: bool = True, packing: bool = False, stats=None, shard=(0, 1)):
@@ -140,7 +151,7 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
     for input_ids, mask, groups in _progress(batches, _num_batches(corpus, batch_size, packing, shard),
                                               "neuron stats", progress):
         with steerer.record_neurons(groups.to(dev), K, stats=stats) as st:
-            model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+            _forward(model, input_ids.to(dev), mask.to(dev))
         stats = st
     if stats is None:  # no batch on this shard
         import xlkernels

@@ -93,24 +93,10 @@ def split_eval(corpus, eval_n):
     return stats, ev
 
 
-def plot_counts(counts, langs, path, title="language-specific neurons (LAPE)"):
+def plot_counts(counts, langs, path, title="language-specific neurons per layer (LAPE)"):
     """Grouped bars: neurons per layer for each language. counts (K, L)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    K, L = counts.shape
-    fig, ax = plt.subplots(figsize=(max(6, L * 0.45), 3.6))
-    w = 0.8 / K
-    for k, lang in enumerate(langs):
-        ax.bar([l - 0.4 + w * (k + 0.5) for l in range(L)], counts[k].tolist(), width=w, label=lang)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("neurons")
-    ax.set_xticks(range(L))
-    ax.set_title(title)
-    ax.legend(ncol=min(K, 8), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from xlkernels.analysis.plots import neuron_counts
+    return neuron_counts({x: c for x, c in zip(langs, counts.tolist())}, path, title=title)
 
 
 def analyse(steerer, tok, corpus, args, progress=True, log=print):
