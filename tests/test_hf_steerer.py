@@ -352,3 +352,17 @@ def test_unsupported_activation_error():
     model, _ = tiny_model("llama", hidden_act="relu")
     with pytest.raises(ValueError, match="activation ReLU"):
         xlkernels.patch(model)
+
+
+def test_attn_implementation_by_name_without_patch():
+    """Importing xlkernels.hf registers "xlkernels"; a model switched by name runs the kernel, unsteered."""
+    import xlkernels.hf  # noqa: F401
+
+    model = tiny("qwen2")
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("xlkernels")
+        with xlkernels.backend("reference"):
+            out = model(input_ids=ids, attention_mask=mask).logits
+    assert rel(out, ref, mask) < 1e-5

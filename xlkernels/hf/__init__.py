@@ -8,6 +8,8 @@ from . import attention, mlp
 from .archs import ARCHS, activation_name, resolve
 from .steerer import HeadCapture, Steerer
 
+attention.register()  # so from_pretrained(..., attn_implementation="xlkernels") works too (no steering state)
+
 
 def patch(model) -> Steerer:
     """Patch `model` in place and return its Steerer (the same one if already patched)."""
