@@ -1,6 +1,6 @@
 """head_steer (gate*o + shift per head) vs plain PyTorch `o * gate[:, None] + shift`, forward and backward.
 
-python -m bench.bench_head_steer [--quick] [--device cpu|cuda] [--dtype float32 bfloat16 ...]
+python -m bench.bench_head_steer [--quick] [--device cpu|cuda] [--dtype float32 bfloat16 ...] [--threads N]
 Rows: ms per call and effective GB/s (minimal bytes: fwd reads o + writes out; bwd reads dO and o, writes
 grad_o), plus the device copy bandwidth of the same run (op "copy") as the ceiling.
 """
@@ -30,13 +30,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=str(common.default_device()))
     p.add_argument("--dtype", nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timer (cpu: process time)")
+    p.add_argument("--name", default=None, help="result file name (default head_steer[-quick])")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtypes = args.dtype or (["float32", "bfloat16"] if dev.type == "cpu" else ["bfloat16", "float16"])
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rep, warmup = (5, 2) if args.quick else (30, 5)
     rows = []
-    bw = common.copy_bandwidth(dev, nbytes=2**26 if args.quick and dev.type == "cpu" else None)
+    clk = {"clock": args.clock} if dev.type == "cpu" else {}
+    bw = common.copy_bandwidth(dev, nbytes=2**26 if args.quick and dev.type == "cpu" else None, **clk)
     rows.append(common.row("copy", "torch", "copy", "clone", "GB/s", bw))
     print(f"copy bandwidth {bw['p50']:.1f} GB/s")
     for dt_name in dtypes:
@@ -54,20 +60,22 @@ def main(argv=None) -> int:
                      "torch": lambda o, g, s: torch_steer(o, g, s).contiguous()}
             for prov, fn in impls.items():
                 with torch.no_grad():
-                    t = common.timeit(lambda: fn(o, gate, shift), warmup=warmup, rep=rep, device=dev)
+                    t = common.timeit(lambda: fn(o, gate, shift), warmup=warmup, rep=rep, device=dev, **clk)
                 rows.append(common.row("head_steer", prov, "forward", shape, "ms", t))
                 rows.append(common.row("head_steer", prov, "forward", shape, "GB/s", common.rate(t, 2 * n)))
                 leaves = [x.detach().clone().requires_grad_() for x in (o, gate, shift)]
                 out = fn(*leaves)
-                t = common.timeit(lambda: out.backward(dout, retain_graph=True), warmup=warmup, rep=rep,
-                                  device=dev, grad_to_none=leaves)
+                # autograd.grad: the op's backward without AccumulateGrad copies into the leaves
+                bwd = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)  # noqa: E731
+                t = common.timeit(bwd, warmup=warmup, rep=rep, device=dev, **clk)
                 rows.append(common.row("head_steer", prov, "backward", shape, "ms", t))
                 rows.append(common.row("head_steer", prov, "backward", shape, "GB/s", common.rate(t, 3 * n)))
                 del out, leaves
             ms = {r["provider"]: r["p50"] for r in rows[-8:] if r["metric"] == "ms" and r["mode"] == "forward"}
             print(f"{dt_name} B{B} T{T} H{H} D{D}: fwd xlk {ms['xlkernels']:.3f} ms torch {ms['torch']:.3f} ms",
                   flush=True)
-    path = common.record(rows, "head_steer" + ("-quick" if args.quick else ""))
+    path = common.record(rows, args.name or "head_steer" + ("-quick" if args.quick else ""),
+                         meta={"clock": args.clock if dev.type == "cpu" else "cuda-events"})
     print(path)
     return 0
 

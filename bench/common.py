@@ -48,14 +48,21 @@ def _flush_l2():
 
 
 def timeit(fn, warmup: int = 5, rep: int = 20, *, device=None, budget_s: "float | None" = None,
-           flush_l2: bool = True, grad_to_none=None) -> dict:
+           flush_l2: bool = True, grad_to_none=None, clock: str = "wall") -> dict:
     """Time `fn()`; returns {"p50", "p20", "p80"} in milliseconds over `rep` calls after `warmup` calls.
 
     device: where fn runs (default: cuda if available). budget_s: stop repeating once this many seconds are
     spent (at least 3 timed calls). grad_to_none: tensors whose .grad is reset before each call (backward).
+    clock (CPU only): "wall" (perf_counter) or "cpu" (process CPU time: robust when other jobs share the cores;
+    use it with torch.set_num_threads(1), since idle-spinning worker threads would be counted).
     """
     device = torch.device(device) if device is not None else default_device()
     cuda = device.type == "cuda"
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and cuda:
+        raise ValueError("clock='cpu' only applies to CPU timing")
+    now = time.perf_counter if clock == "wall" else time.process_time
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def reset():
@@ -79,9 +86,9 @@ def timeit(fn, warmup: int = 5, rep: int = 20, *, device=None, budget_s: "float 
             e1.synchronize()
             times.append(e0.elapsed_time(e1))
         else:
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((now() - t0) * 1e3)
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
             break
     return _quantiles(times)
@@ -171,6 +178,7 @@ def device_info(device=None) -> dict:
         "dirty": bool(status) if status is not None else None,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": " ".join(sys.argv),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -184,14 +192,14 @@ def device_slug(info: "dict | None" = None) -> str:
     return slug or "unknown"
 
 
-def copy_bandwidth(device=None, nbytes: "int | None" = None, rep: int = 20) -> dict:
+def copy_bandwidth(device=None, nbytes: "int | None" = None, rep: int = 20, clock: str = "wall") -> dict:
     """Device copy bandwidth in GB/s (bytes read + written by dst.copy_(src)): {"p50", "p20", "p80"}."""
     device = torch.device(device) if device is not None else default_device()
     if nbytes is None:
         nbytes = 2**30 if device.type == "cuda" else 2**27
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), warmup=3, rep=rep, device=device, flush_l2=False)
+    t = timeit(lambda: dst.copy_(src), warmup=3, rep=rep, device=device, flush_l2=False, clock=clock)
     return rate(t, 2 * nbytes)
 
 

@@ -11,6 +11,7 @@ struct SteerArgs {
   int64_t B, T, H, D;
   int64_t sb, st, sh;        // strides of o (elements); o.stride(3) == 1
   at::Tensor gate, shift;    // fp32 contiguous (H)|(B,H) and (H,D)|(B,H,D), or undefined
+                             // (shift also when only its shape was wanted: shift_values=false)
   int64_t gate_bs, shift_bs; // batch strides of gate / shift (0 when unbatched)
 };
 
@@ -19,7 +20,7 @@ inline bool is_float_type(at::ScalarType t) {
 }
 
 inline SteerArgs steer_args(const at::Tensor& o, const std::optional<at::Tensor>& gate,
-                            const std::optional<at::Tensor>& shift) {
+                            const std::optional<at::Tensor>& shift, bool shift_values = true) {
   TORCH_CHECK(o.dim() == 4, "head_steer: o must be (B, T, H, D), got ", o.sizes());
   TORCH_CHECK(is_float_type(o.scalar_type()), "head_steer: o must be float32/float16/bfloat16, got ",
               o.scalar_type());
@@ -45,7 +46,7 @@ inline SteerArgs steer_args(const at::Tensor& o, const std::optional<at::Tensor>
               (s.dim() == 3 && s.size(0) == a.B && s.size(1) == a.H && s.size(2) == a.D);
     TORCH_CHECK(ok, "head_steer: shift must be (H, D) or (B, H, D) = (", a.B, ", ", a.H, ", ", a.D, "), got ",
                 s.sizes());
-    a.shift = s.to(at::kFloat).contiguous();
+    if (shift_values) a.shift = s.to(at::kFloat).contiguous();
     a.shift_bs = s.dim() == 3 ? a.H * a.D : 0;
   }
   return a;

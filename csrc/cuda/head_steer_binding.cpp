@@ -61,13 +61,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_steer_backward_cuda(
   TORCH_CHECK(o_in.dim() == 4, "head_steer_backward: o must be (B, T, H, D), got ", o_in.sizes());
   at::Tensor o = o_in.size(3) > 1 && o_in.stride(3) != 1 ? o_in.contiguous() : o_in;
   c10::cuda::CUDAGuard guard(o.device());
-  xlk::SteerArgs a = xlk::steer_args(o, gate, shift);
+  xlk::SteerArgs a = xlk::steer_args(o, gate, shift, /*shift_values=*/false);
   TORCH_CHECK(grad_in.sizes() == o.sizes() && grad_in.scalar_type() == o.scalar_type() &&
                   grad_in.device() == o.device(),
               "head_steer_backward: grad_out must match o in shape, dtype and device, got ", grad_in.sizes(), " ",
               grad_in.scalar_type(), " ", grad_in.device());
   need_gate = need_gate && a.gate.defined();
-  need_shift = need_shift && a.shift.defined();
+  need_shift = need_shift && shift.has_value() && shift->defined();
   at::Tensor dout = grad_in.contiguous();
   auto f32 = o.options().dtype(at::kFloat);
   at::Tensor grad_o = need_o ? at::empty({a.B, a.T, a.H, a.D}, o.options()) : at::empty({0}, o.options());

@@ -39,19 +39,15 @@ def _setup(ctx, inputs, output):
     o, gate, shift = inputs
     need_o, need_gate, need_shift = ctx.needs_input_grad[:3]
     ctx.need = (need_o, need_gate and gate is not None, need_shift and shift is not None)
-    # o is only read for grad_gate; otherwise grad_out stands in for it (same shape and dtype).
-    ctx.save_for_backward(o if ctx.need[1] else None, gate if ctx.need[0] or ctx.need[1] else None)
-    ctx.gate_given = gate is not None
-    ctx.shift_meta = None if shift is None else (shift.shape, shift.dtype, shift.device)
+    # o is only read for grad_gate (grad_out stands in for it otherwise: same shape and dtype); shift only
+    # gives its shape and dtype (no copy: it is the caller's tensor).
+    ctx.save_for_backward(o if ctx.need[1] else None, gate if ctx.need[0] or ctx.need[1] else None,
+                          shift if ctx.need[2] else None)
 
 
 def _backward(ctx, grad):
-    o, gate = ctx.saved_tensors
+    o, gate, shift = ctx.saved_tensors
     need_o, need_gate, need_shift = ctx.need
-    shift = None
-    if need_shift:
-        shape, dtype, device = ctx.shift_meta
-        shift = torch.empty(shape, dtype=dtype, device=device)  # only its shape and dtype are read
     go, gg, gs = torch.ops.xlkernels.head_steer_backward(
         grad, o if o is not None else grad, gate, shift, need_o, need_gate, need_shift)
     return go if need_o else None, gg if need_gate else None, gs if need_shift else None
