@@ -84,6 +84,9 @@ def test_last_dim_strided_and_empty():
     with xlkernels.backend("cpu"):
         assert rel_err(xlkernels.head_steer(o, gate, shift), ref64(o, gate, shift)) <= 2e-6
         assert xlkernels.head_steer(torch.randn(2, 0, 3, 8), torch.randn(3)).shape == (2, 0, 3, 8)
+    o0, g0, s0 = make((2, 0, 3, 8), "bh", "hd")
+    got = _grads("cpu", o0, g0, s0, torch.randn(2, 0, 3, 8), (True, True, True))
+    assert got[0].shape == o0.shape and torch.equal(got[1], torch.zeros(2, 3)) and torch.equal(got[2], torch.zeros(3, 8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

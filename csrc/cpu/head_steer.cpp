@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -60,13 +59,13 @@ void fwd_rows(const scalar_t* o, scalar_t* out, const float* gate, const float* 
 }
 
 template <typename scalar_t>
-void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scalar_t* grad_o, float* lanes_gate,
+void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scalar_t* grad_o, float* part_gate,
                float* part_shift, int64_t chunks, int64_t chunk_len, const xlk::SteerArgs& a) {
 #ifdef XLK_HS_AVX2
   if (use_avx2())
-    return xlk_hs_avx2::bwd_tasks<scalar_t>(dout, o, gate, grad_o, lanes_gate, part_shift, chunks, chunk_len, a);
+    return xlk_hs_avx2::bwd_tasks<scalar_t>(dout, o, gate, grad_o, part_gate, part_shift, chunks, chunk_len, a);
 #endif
-  xlk_hs_base::bwd_tasks<scalar_t>(dout, o, gate, grad_o, lanes_gate, part_shift, chunks, chunk_len, a);
+  xlk_hs_base::bwd_tasks<scalar_t>(dout, o, gate, grad_o, part_gate, part_shift, chunks, chunk_len, a);
 }
 
 at::Tensor head_steer_cpu(const at::Tensor& o_in, const std::optional<at::Tensor>& gate,
@@ -107,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_steer_backward_cpu(
   const int64_t chunk_len = std::max<int64_t>(min_len, (a.T + want - 1) / want);
   const int64_t chunks = std::max<int64_t>(1, (a.T + chunk_len - 1) / chunk_len);
   auto f32 = o.options().dtype(at::kFloat);
-  at::Tensor part_gate = need_gate ? at::zeros({a.B, chunks, a.H, a.D}, f32) : at::empty({0}, f32);
-  at::Tensor part_shift = need_shift ? at::zeros({a.B, chunks, a.H, a.D}, f32) : at::empty({0}, f32);
+  at::Tensor part_gate = need_gate ? at::empty({a.B, chunks, a.H}, f32) : at::empty({0}, f32);
+  at::Tensor part_shift = need_shift ? at::empty({a.B, chunks, a.H, a.D}, f32) : at::empty({0}, f32);
   if (a.B * a.H > 0 && a.T > 0 && a.D > 0) {
     const float* gp = a.gate.defined() ? a.gate.data_ptr<float>() : nullptr;
     XLK_DISPATCH_STEER(o.scalar_type(), "head_steer_backward_cpu", [&] {
@@ -117,9 +116,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_steer_backward_cpu(
                           need_gate ? part_gate.mutable_data_ptr<float>() : nullptr,
                           need_shift ? part_shift.mutable_data_ptr<float>() : nullptr, chunks, chunk_len, a);
     });
+  } else {  // nothing to sum (T == 0 or D == 0)
+    part_gate.zero_();
+    part_shift.zero_();
   }
-  if (need_gate) grad_gate = xlk::reduce_like(part_gate.sum(at::IntArrayRef{1, 3}), *gate);
-  if (need_shift) grad_shift = xlk::reduce_like(part_shift.sum(1), *shift);
+  // Sum the tasks' chunks (a plain view when there is one chunk per batch entry).
+  if (need_gate) grad_gate = xlk::reduce_like(chunks == 1 ? part_gate.select(1, 0) : part_gate.sum(1), *gate);
+  if (need_shift) grad_shift = xlk::reduce_like(chunks == 1 ? part_shift.select(1, 0) : part_shift.sum(1), *shift);
   return {grad_o, grad_gate, grad_shift};
 }
 

@@ -55,16 +55,24 @@ void fwd_rows(const scalar_t* o, scalar_t* out, const float* gate, const float* 
 }
 
 // One task k = one b and a chunk of t, walking the rows (t, h) in memory order (the prefetchers then stream
-// dO and grad_o). Writes grad_o rows and adds per-task fp32 sums into zeroed buffers: dO*o per lane into
-// lanes_gate[k, h, :] (summed over d later) and dO into part_shift[k, h, :].
+// dO and grad_o). Writes grad_o rows and per-task fp32 sums: sum_{t,d} dO*o into part_gate[k, h] and
+// sum_t dO into part_shift[k, h, :] (both fully written by the task; no zeroing needed).
 template <typename scalar_t>
-void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scalar_t* grad_o, float* lanes_gate,
+void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scalar_t* grad_o, float* part_gate,
                float* part_shift, int64_t chunks, int64_t chunk_len, const xlk::SteerArgs& a) {
   const int64_t D = a.D, H = a.H, tasks = a.B * chunks;
   at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+    float* lanes = part_gate ? new float[H * D] : nullptr;  // per-lane sums of dO*o of one task
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c = k % chunks, b = k / chunks;
       const int64_t t0 = c * chunk_len, t1 = t0 + chunk_len < a.T ? t0 + chunk_len : a.T;
+      if (lanes) {
+        for (int64_t i = 0; i < H * D; ++i) lanes[i] = 0.f;
+      }
+      if (part_shift) {
+        float* __restrict__ ps = part_shift + k * H * D;
+        for (int64_t i = 0; i < H * D; ++i) ps[i] = 0.f;
+      }
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t h = 0; h < H; ++h) {
           const int64_t r = (b * a.T + t) * H + h;
@@ -82,8 +90,8 @@ void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scala
             float* __restrict__ as = part_shift + (k * H + h) * D;
             for (int64_t d = 0; d < D; ++d) as[d] += ld(dy, d);
           }
-          if (lanes_gate) {
-            float* __restrict__ ag = lanes_gate + (k * H + h) * D;
+          if (lanes) {
+            float* __restrict__ ag = lanes + h * D;
             const scalar_t* __restrict__ x = o + b * a.sb + t * a.st + h * a.sh;
             if (g == 0.f) {  // o may be garbage at skipped heads: non-finite values count as 0
               for (int64_t d = 0; d < D; ++d) {
@@ -96,6 +104,14 @@ void bwd_tasks(const scalar_t* dout, const scalar_t* o, const float* gate, scala
           }
         }
       }
+      if (lanes) {
+        for (int64_t h = 0; h < H; ++h) {
+          float sum = 0.f;
+          for (int64_t d = 0; d < D; ++d) sum += lanes[h * D + d];
+          part_gate[k * H + h] = sum;
+        }
+      }
     }
+    delete[] lanes;
   });
 }
