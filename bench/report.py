@@ -82,6 +82,9 @@ def plot(rows, title, path) -> str:
             lo.append(max(0.0, r["p50"] - (r.get("p20") if r.get("p20") is not None else r["p50"])))
             hi.append(max(0.0, (r.get("p80") if r.get("p80") is not None else r["p50"]) - r["p50"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=p)
+    vals = [r["p50"] for r in rows if r["p50"]]
+    if vals and min(vals) > 0 and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
     ax.set_xticks(range(len(shapes)))
     ax.set_xticklabels(shapes, rotation=20, ha="right", fontsize=7)
     metric = rows[0]["metric"]
@@ -108,7 +111,9 @@ def report(paths, out, baselines=DEFAULT_BASELINES, plots=True) -> str:
         parts += [f"## {stem}", "",
                   f"{meta.get('device')} | torch {meta.get('torch')} | triton {meta.get('triton')} | "
                   f"python {meta.get('python')} | cuda {meta.get('cuda')} | {meta.get('cpu_count')} cpus | "
-                  f"commit {meta.get('commit')}{' (dirty)' if meta.get('dirty') else ''} | {meta.get('date')}", ""]
+                  f"commit {meta.get('commit')}{' (dirty)' if meta.get('dirty') else ''} | {meta.get('date')}"
+                  + (f" | load {meta['loadavg'][0]:.1f}" if meta.get("loadavg") else "")
+                  + (f" | clock {meta['clock']}" if meta.get("clock") else ""), ""]
         for (op, mode, metric), grp in _groups(rows).items():
             md, _ = table(grp, baselines)
             parts += [f"### {op} / {mode} / {metric}", "", md, ""]

@@ -83,3 +83,16 @@ def test_run_all_continues_after_failure(monkeypatch, capsys):
     assert run_all.main(["--quick"]) == 1
     out = capsys.readouterr().out
     assert "1 ok, 1 failed" in out and "ZeroDivisionError" in out
+
+
+def test_run_all_discovers_benchmarks(capsys):
+    assert "bench_head_steer" in run_all.discover()
+    assert run_all.main(["--list", "--only", "head_steer"]) == 0
+    assert capsys.readouterr().out.strip() == "bench_head_steer"
+
+
+def test_timeit_cpu_clock_and_bad_clock():
+    t = common.timeit(lambda: sum(range(10000)), warmup=1, rep=5, device="cpu", clock="cpu")
+    assert t["p50"] >= 0
+    with pytest.raises(ValueError, match="clock"):
+        common.timeit(lambda: None, device="cpu", clock="gpu")
