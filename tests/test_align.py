@@ -212,3 +212,22 @@ def test_mexa_real_model_aligns_german():
     assert r["num_layers"] == 19
     assert r["mexa_max"]["weighted"]["de"] > 0.7     # a multilingual model retrieves most translations
     assert math.isfinite(r["anc_mean"]["de"])
+
+
+# ---- shared plots ---------------------------------------------------------------------------------
+def test_plots_write_pngs(tmp_path):
+    from xlkernels.analysis import plots
+    png = b"\x89PNG\r\n\x1a\n"
+    p = plots.head_heatmaps({"de": torch.rand(3, 4), "ja": torch.rand(3, 4), "ar": torch.rand(3, 4)},
+                            tmp_path / "sub" / "heads.png", title="heads")
+    assert open(p, "rb").read(8) == png
+    for kind in ("bar", "line"):
+        p = plots.neuron_counts({"de": [1, 5, 3], "fr": torch.tensor([2, 0, 4])}, tmp_path / f"n_{kind}.png",
+                                kind=kind)
+        assert open(p, "rb").read(8) == png
+    p = plots.layer_curves({"x": [0.1, 0.5]}, tmp_path / "c.png", ylim=(0, 1))
+    assert open(p, "rb").read(8) == png
+    with pytest.raises(ValueError, match="layers, heads"):
+        plots.head_heatmaps({"de": torch.rand(3)}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="kind"):
+        plots.neuron_counts({"de": [1]}, tmp_path / "bad.png", kind="pie")

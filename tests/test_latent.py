@@ -259,3 +259,22 @@ def test_itlc_fit_and_inject_on_tiny_model():
         assert got[i].tolist() == ref.tolist()
     with pytest.raises(ValueError, match="layer"):
         ITLC.fit(model, tok, c, layer=2)
+
+
+@pytest.mark.model
+def test_itlc_and_incline_on_real_model():
+    from xlkernels.analysis.data import parallel_corpus
+    from xlkernels.models import load_default
+    model, tok = load_default(progress=False)
+    c = parallel_corpus(["en", "de", "ja"], n=40)
+    it = ITLC.fit(model, tok, c, epochs=40, lr=1e-2, batch_size=20)
+    assert it.layer == 9 and it.back.shape == (3, 640)
+    assert it.accuracy >= 0.9                       # languages separate well at the middle layer
+    b = tok(["The weather today is"], return_tensors="pt")
+    with it.inject(model, "de", "en", alpha=0.5):
+        out = model.generate(**b, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == b["input_ids"].shape[1] + 4
+    inc = INCLINE.fit(model, tok, c["de"][:16], c["en"][:16], batch_size=16)
+    assert inc.W.shape == (18, 640, 640) and torch.isfinite(inc.W).all()
+    out = inc.generate(model, b, 0.3, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == b["input_ids"].shape[1] + 4
