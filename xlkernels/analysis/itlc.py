@@ -7,6 +7,10 @@ linear probe on the LDA space -> active dims (|W_probe[k, d]| > threshold) -> la
 Inject: s = alpha * (u_tgt - u_src) (cross-lingual) or alpha * u_tgt, added to the output of block
 layer-1 (the residual stream), per strategy prompt_only / gen_only / prompt_and_gen.
 
+Other differences from the released code: the 80/20 split is stratified per language; n_components
+defaults to K-1 (the code hard-codes 100 for 204 FLORES languages); states come in the model's dtype
+(the code uses fp16 autocast); the probe's epochs / lr are arguments (10 / 1e-3 as the code by default).
+
 Deviation switch: like the released code, the default does NOT invert the StandardScaler (u lives in
 standardized units but is added to raw states). `unscale=True` multiplies u by the scaler's std, which
 maps the shift back to raw hidden units (for differences u_tgt - u_src the scaler mean cancels).
