@@ -122,7 +122,9 @@ def convert_default(target: Path = None, progress: bool = True) -> Path:
         (out / _MARKER).write_text(json.dumps(meta, indent=1))
         if not _valid(out):
             raise RuntimeError(f"conversion wrote an incomplete cache in {out}")
-        if target.exists():   # a stale or broken cache: move it aside, then replace it
+        if _valid(target):    # another process finished first: keep its cache
+            return target
+        if target.exists():   # a broken cache: replace it
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(out, target)
