@@ -237,3 +237,29 @@ def test_collect_stats_bad_input():
         N.collect_stats(model, tok, {"en": "not a list"}, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         N.collect_stats(model, tok, CORPUS, batch_size=0, progress=False)
+
+
+def test_neurons_cli_tiny(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    import xlkernels
+    from xlkernels import cli
+    out = tmp_path / "n"
+    rc = cli.main(["neurons", "--tiny", "llama", "--langs", "en,de,fr", "--n", "10", "--deactivate", "--eval-n", "4",
+                   "--top-rate", "0.05", "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "deactivation" in text and "off \\ eval" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["languages"] == ["en", "de", "fr"] and s["lape"]["selected"] == round(0.05 * 256)
+    assert len(s["deactivation"]["delta"]) == 3
+    t = load_file(str(out / "neurons.safetensors"))
+    assert sum(t[f"lape.{x}.{l}"].numel() for x in ("en", "de", "fr") for l in range(2)) == \
+        sum(s["lape"]["per_language"].values())
+    st = xlkernels.NeuronStats.load(str(out / "stats.safetensors"))
+    assert st.positive.shape == (2, 3, 128)
+    assert N.load_neuron_sets(str(out / "neurons.safetensors"))["de"][1].dtype == torch.long
+    assert (out / "neurons.png").stat().st_size > 0
+    assert cli.main(["neurons", "--tiny", "llama", "--n", "0"]) == 1

@@ -382,9 +382,10 @@ def load_neuron_sets(path: str, prefix: str = "lape") -> dict:
     flat = load_file(path)
     out: dict[str, dict[int, torch.Tensor]] = {}
     for key, v in flat.items():
-        pre, lang, l = key.rsplit(".", 2)
-        if pre == prefix:
-            out.setdefault(lang, {})[int(l)] = v
+        if not key.startswith(prefix + ".") or key.count(".") < 2:
+            continue
+        lang, l = key[len(prefix) + 1:].rsplit(".", 1)
+        out.setdefault(lang, {})[int(l)] = v
     return {lang: [d[i] for i in range(len(d))] for lang, d in out.items()}
 
 
