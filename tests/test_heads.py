@@ -4,8 +4,9 @@ import torch
 
 from xlkernels.analysis import heads
 
-TEXTS = ["Enter a valid email address.", "Bonjour, le monde!", "Hallo Welt, wie geht es dir heute?",
-         "ok", "Введите правильный адрес.", "这是一个测试。", "Ceci est une phrase un peu plus longue."]
+TEXTS = ["Enter a valid email address.", "Bonjour, le monde!", "Hallo Welt, wie geht es dir heute?", "ok",
+         "Введите правильный адрес.", "这是一个测试。",
+         "Ceci est une phrase un peu plus longue."]
 
 
 # ----------------------------------------------------------------------------------------- pure parts

@@ -8,8 +8,9 @@ from xlkernels.analysis import shift as sh
 
 EN = ["Enter a valid email address.", "This field is required.", "Save and continue editing",
       "Please correct the errors below.", "Delete selected items", "Change password"]
-FR = ["Saisissez une adresse e-mail valide.", "Ce champ est obligatoire.", "Enregistrer et continuer les modifications",
-      "Veuillez corriger les erreurs ci-dessous.", "Supprimer les éléments sélectionnés", "Modifier le mot de passe"]
+FR = ["Saisissez une adresse e-mail valide.", "Ce champ est obligatoire.",
+      "Enregistrer et continuer les modifications", "Veuillez corriger les erreurs ci-dessous.",
+      "Supprimer les éléments sélectionnés", "Modifier le mot de passe"]
 
 
 # ----------------------------------------------------------------------------------------- pure parts

@@ -8,6 +8,9 @@ Adding alpha*S to a source-language input's head outputs moves it toward the tar
 Heads are selected per language by the held-out accuracy of a per-head probe that separates the two
 languages (logistic regression or nearest centroid, all heads trained at once in torch), or by importance
 scores (LAHIS), keeping the top k; the shift is alpha*S on those heads and zero elsewhere.
+Deviations from CLAIM (an LVLM method): it probes the "cross-modal" output (attention renormalised over
+image tokens) with an SVM; text-only LLMs have no image tokens, so the probe sees the plain head output,
+and the SVM is replaced by torch logistic regression / nearest centroid (balanced held-out accuracy).
 
 A shift bank holds K languages relative to a pivot (one language, or "mean" = the mean of the K
 language means): bank[k] = mask_k * (mean_k - mean_pivot), shape (K,L,H,D). The steerer adds
