@@ -69,11 +69,15 @@ def test_forward_cpu(dtype, shape, gate_kind, shift_kind):
 
 
 @needs_compiled
-def test_param_dtypes_may_differ_from_o():
-    o, gate, shift = make((2, 9, 3, 16), "bh", "hd", torch.float32, param_dtype=torch.bfloat16)
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float64])
+def test_param_dtypes_may_differ_from_o(param_dtype):
+    o, gate, shift = make((2, 9, 3, 16), "bh", "hd", torch.float32, param_dtype=param_dtype)
     with xlkernels.backend("cpu"):
         out = xlkernels.head_steer(o, gate, shift)
-    assert rel_err(out, ref64(o, gate, shift)) <= TOL[torch.float32]
+    # float64 parameters are read as float32
+    assert rel_err(out, ref64(o, gate.float(), shift.float())) <= TOL[torch.float32]
+    got = _grads("cpu", o, gate, shift, torch.randn(o.shape), (True, True, True))
+    assert got[1].dtype == param_dtype and got[2].dtype == param_dtype
 
 
 @needs_compiled
@@ -210,7 +214,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="gate must have dtype"):
         xlkernels.head_steer(o, torch.ones(4, dtype=torch.long))
     with pytest.raises(TypeError, match="shift must have dtype"):
-        xlkernels.head_steer(o, None, torch.ones(4, 8, dtype=torch.float64))
+        xlkernels.head_steer(o, None, torch.ones(4, 8, dtype=torch.int32))
     with pytest.raises(TypeError, match="o must have dtype"):
         xlkernels.head_steer(o.double(), torch.ones(4))
     with pytest.raises(ValueError, match="o must have 4 dims"):

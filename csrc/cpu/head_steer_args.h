@@ -18,6 +18,8 @@ struct SteerArgs {
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
+// gate / shift may also be float64 (read as float32).
+inline bool is_param_type(at::ScalarType t) { return is_float_type(t) || t == at::kDouble; }
 
 inline SteerArgs steer_args(const at::Tensor& o, const std::optional<at::Tensor>& gate,
                             const std::optional<at::Tensor>& shift, bool shift_values = true) {
@@ -32,7 +34,7 @@ inline SteerArgs steer_args(const at::Tensor& o, const std::optional<at::Tensor>
   if (gate.has_value() && gate->defined()) {
     const at::Tensor& g = *gate;
     TORCH_CHECK(g.device() == o.device(), "head_steer: gate is on ", g.device(), " but o is on ", o.device());
-    TORCH_CHECK(is_float_type(g.scalar_type()), "head_steer: gate must be a float tensor, got ", g.scalar_type());
+    TORCH_CHECK(is_param_type(g.scalar_type()), "head_steer: gate must be a float tensor, got ", g.scalar_type());
     bool ok = (g.dim() == 1 && g.size(0) == a.H) || (g.dim() == 2 && g.size(0) == a.B && g.size(1) == a.H);
     TORCH_CHECK(ok, "head_steer: gate must be (H,) or (B, H) = (", a.B, ", ", a.H, "), got ", g.sizes());
     a.gate = g.to(at::kFloat).contiguous();
@@ -41,7 +43,7 @@ inline SteerArgs steer_args(const at::Tensor& o, const std::optional<at::Tensor>
   if (shift.has_value() && shift->defined()) {
     const at::Tensor& s = *shift;
     TORCH_CHECK(s.device() == o.device(), "head_steer: shift is on ", s.device(), " but o is on ", o.device());
-    TORCH_CHECK(is_float_type(s.scalar_type()), "head_steer: shift must be a float tensor, got ", s.scalar_type());
+    TORCH_CHECK(is_param_type(s.scalar_type()), "head_steer: shift must be a float tensor, got ", s.scalar_type());
     bool ok = (s.dim() == 2 && s.size(0) == a.H && s.size(1) == a.D) ||
               (s.dim() == 3 && s.size(0) == a.B && s.size(1) == a.H && s.size(2) == a.D);
     TORCH_CHECK(ok, "head_steer: shift must be (H, D) or (B, H, D) = (", a.B, ", ", a.H, ", ", a.D, "), got ",

@@ -1,7 +1,7 @@
 """head_steer: the per-head epilogue of attention, out = gate[b,h] * o[b,t,h,:] + shift[b,h,:].
 
 o (B,T,H,D) float32/float16/bfloat16 (last dim contiguous; other strides free, e.g. a transposed view of
-(B,H,T,D)); gate None | (H,) | (B,H); shift None | (H,D) | (B,H,D), any float dtype. Math in float32, output in
+(B,H,T,D)); gate None | (H,) | (B,H); shift None | (H,D) | (B,H,D), any float dtype (float64 too; read as float32). Math in float32, output in
 o's dtype, contiguous (B,T,H,D). Where gate == 0 the output is exactly shift (a select, not a multiply), so
 whatever o holds at skipped heads (even NaN) is ignored. Gradients: grad_o = gate*dO (0 where gate == 0),
 grad_gate[b,h] = sum_{t,d} dO*o (non-finite o at gate == 0 counts as 0), grad_shift[b,h,:] = sum_t dO, each
@@ -59,16 +59,19 @@ if HAS_COMPILED:
     torch.library.register_autograd("xlkernels::head_steer", _backward, setup_context=_setup)
 
 
+PARAM_DTYPES = _checks.FLOATS + (torch.float64,)
+
+
 def check_args(o, gate, shift):
     _checks.tensor(o, "o", ndim=4, dtypes=_checks.FLOATS)
     B, T, H, D = o.shape
     if gate is not None:
-        _checks.tensor(gate, "gate", dtypes=_checks.FLOATS)
+        _checks.tensor(gate, "gate", dtypes=PARAM_DTYPES)
         _checks.same_device("gate", gate, o, "o")
         if tuple(gate.shape) not in ((H,), (B, H)):
             raise ValueError(f"gate must have shape (H,) = ({H},) or (B, H) = ({B}, {H}), got {tuple(gate.shape)}")
     if shift is not None:
-        _checks.tensor(shift, "shift", dtypes=_checks.FLOATS)
+        _checks.tensor(shift, "shift", dtypes=PARAM_DTYPES)
         _checks.same_device("shift", shift, o, "o")
         if tuple(shift.shape) not in ((H, D), (B, H, D)):
             raise ValueError(f"shift must have shape (H, D) = ({H}, {D}) or (B, H, D) = ({B}, {H}, {D}), "
