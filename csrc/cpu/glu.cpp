@@ -2,6 +2,7 @@
 // stats of act(gate) (pre-intervention) and a dense intervention mul/add of shape (I,) or (G, I) (per group;
 // rows with id -1 are left untouched by a per-group one). act = silu | gelu_tanh, computed in fp32.
 // CPU: the stats variant gives each task a disjoint neuron block over all rows (no atomics); the others split rows.
+// Inner loops live in glu_kernels.h (baseline + AVX2/FMA copies, dispatched at run time).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -26,45 +27,16 @@ TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
       "Tensor? add) -> (Tensor, Tensor)");
 }
 
+// Let GCC if-convert the clamps/selects of the inner loops (no FP traps are used) so they vectorize.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluC = 0.044715f;
-
-// exp(x) for x in float range: 2^round(x*log2e) * poly(2^f); branch-free so the loops vectorize. NaN in -> garbage
-// out, but every caller multiplies by x, so NaN still propagates.
-inline float xexp(float x) {
-  x = std::min(std::max(x, -87.0f), 87.0f);
-  const float t = x * 1.4426950408889634f;
-  const int i = static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float f = t - static_cast<float>(i);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (i + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
-}
-
-// s = sigmoid of the activation's inner argument: silu(x) = x*s(x); gelu_tanh(x) = x*s(2u), u = k(x + c x^3).
-template <int ACT>
-inline float sig(float x) {
-  if (ACT == 0) return 1.f / (1.f + xexp(-x));
-  const float u = kGeluK * (x + kGeluC * x * x * x);
-  return 1.f / (1.f + xexp(-2.f * u));
-}
-
-template <int ACT>
-inline float dact(float x, float s) {
-  if (ACT == 0) return s * (1.f + x * (1.f - s));
-  return s + 2.f * x * s * (1.f - s) * kGeluK * (1.f + 3.f * kGeluC * x * x);
-}
 
 struct Args {
   int64_t n = 0, nn = 0;
@@ -81,41 +53,47 @@ struct Args {
   const float* arow(int64_t g) const { return !mul ? nullptr : per_group ? (g >= 0 ? add + g * nn : nullptr) : add; }
 };
 
+// The inner loops, compiled for the baseline ISA and (x86-64 GCC) for AVX2+FMA+F16C, picked at run time.
+namespace base {
+#include "glu_kernels.h"
+}  // namespace base
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define XLK_GLU_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define XLK_GLU_F16C 1
+namespace avx2 {
+#include "glu_kernels.h"
+}  // namespace avx2
+#undef XLK_GLU_F16C
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#ifdef XLK_GLU_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                               __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 template <typename T, int ACT, bool STATS>
 void fwd_rows(const T* gate, const T* up, T* out, const Args& a, int64_t r0, int64_t r1, int64_t j0, int64_t w) {
-  float v[kBlock];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t g = a.ids ? a.ids[r] : -1, off = r * a.nn + j0;
-    const T* __restrict__ x = gate + off;
-    const T* __restrict__ u = up + off;
-    T* __restrict__ y = out + off;
-    for (int64_t j = 0; j < w; ++j) {
-      const float xf = static_cast<float>(x[j]);
-      v[j] = xf * sig<ACT>(xf);
-    }
-    if (STATS && g >= 0) {
-      const int64_t o = g * a.nn + j0;
-      int64_t* __restrict__ p = a.pos + o;
-      double* __restrict__ s = a.sum + o;
-      double* __restrict__ q = a.sq + o;
-      float* __restrict__ m = a.mx + o;
-      for (int64_t j = 0; j < w; ++j) p[j] += v[j] > 0.f ? 1 : 0;
-      for (int64_t j = 0; j < w; ++j) {
-        const double d = v[j];
-        s[j] += d;
-        q[j] += d * d;
-      }
-      for (int64_t j = 0; j < w; ++j) m[j] = (v[j] > m[j] || v[j] != v[j]) ? v[j] : m[j];
-    }
-    const float* __restrict__ mm = a.mrow(g);
-    if (mm) {
-      const float* __restrict__ ad = a.arow(g) + j0;
-      mm += j0;
-      for (int64_t j = 0; j < w; ++j) y[j] = static_cast<T>((v[j] * mm[j] + ad[j]) * static_cast<float>(u[j]));
-    } else {
-      for (int64_t j = 0; j < w; ++j) y[j] = static_cast<T>(v[j] * static_cast<float>(u[j]));
-    }
-  }
+#ifdef XLK_GLU_AVX2
+  if (use_avx2()) return avx2::fwd_rows<T, ACT, STATS>(gate, up, out, a, r0, r1, j0, w);
+#endif
+  base::fwd_rows<T, ACT, STATS>(gate, up, out, a, r0, r1, j0, w);
+}
+
+template <typename T, int ACT, bool IV>
+void bwd_row(const T* o, const T* x, const T* u, T* dx, T* dy, const float* mm, const float* ad, int64_t w) {
+#ifdef XLK_GLU_AVX2
+  if (use_avx2()) return avx2::bwd_row<T, ACT, IV>(o, x, u, dx, dy, mm, ad, w);
+#endif
+  base::bwd_row<T, ACT, IV>(o, x, u, dx, dy, mm, ad, w);
 }
 
 template <typename T, int ACT, bool STATS>
@@ -150,20 +128,9 @@ void bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up, c
   at::parallel_for(0, a.n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t g = a.ids ? a.ids[r] : -1, off = r * a.nn;
-      const float* __restrict__ mm = a.mrow(g);
-      const float* __restrict__ ad = a.arow(g);
-      const T* __restrict__ o = go + off;
-      const T* __restrict__ x = gp + off;
-      const T* __restrict__ u = up_ + off;
-      T* __restrict__ dx = dg + off;
-      T* __restrict__ dy = du + off;
-      for (int64_t j = 0; j < a.nn; ++j) {
-        const float xf = static_cast<float>(x[j]), of = static_cast<float>(o[j]), uf = static_cast<float>(u[j]);
-        const float s = sig<ACT>(xf);
-        const float m = mm ? mm[j] : 1.f, b = ad ? ad[j] : 0.f;
-        dy[j] = static_cast<T>(of * (xf * s * m + b));
-        dx[j] = static_cast<T>(of * uf * m * dact<ACT>(xf, s));
-      }
+      const float* mm = a.mrow(g);
+      if (mm) bwd_row<T, ACT, true>(go + off, gp + off, up_ + off, dg + off, du + off, mm, a.arow(g), a.nn);
+      else bwd_row<T, ACT, false>(go + off, gp + off, up_ + off, dg + off, du + off, nullptr, nullptr, a.nn);
     }
   });
 }

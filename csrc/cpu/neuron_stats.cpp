@@ -19,6 +19,11 @@ TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
       "Tensor(c!) sum, Tensor(d!) sum_sq, Tensor(e!) max) -> ()");
 }
 
+// Let GCC if-convert the clamps/selects of the inner loops (no FP traps are used) so they vectorize.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // neurons per task: 1 KiB of fp32 per row
