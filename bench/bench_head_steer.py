@@ -2,7 +2,7 @@
 
 python -m bench.bench_head_steer [--quick] [--device cpu|cuda] [--dtype float32 bfloat16 ...] [--threads N]
 Rows: ms per call and effective GB/s (minimal bytes: fwd reads o + writes out; bwd reads dO and o, writes
-grad_o), plus the device copy bandwidth of the same run (op "copy") as the ceiling.
+grad_o; `of_copy` = that GB/s / the copy bandwidth), plus the device copy bandwidth of the same run (op "copy").
 """
 import argparse
 import sys
@@ -62,14 +62,16 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     t = common.timeit(lambda: fn(o, gate, shift), warmup=warmup, rep=rep, device=dev, **clk)
                 rows.append(common.row("head_steer", prov, "forward", shape, "ms", t))
-                rows.append(common.row("head_steer", prov, "forward", shape, "GB/s", common.rate(t, 2 * n)))
+                rows.append(common.row("head_steer", prov, "forward", shape, "GB/s", common.rate(t, 2 * n),
+                                       of_copy=common.rate(t, 2 * n)["p50"] / bw["p50"]))
                 leaves = [x.detach().clone().requires_grad_() for x in (o, gate, shift)]
                 out = fn(*leaves)
                 # autograd.grad: the op's backward without AccumulateGrad copies into the leaves
                 bwd = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)  # noqa: E731
                 t = common.timeit(bwd, warmup=warmup, rep=rep, device=dev, **clk)
                 rows.append(common.row("head_steer", prov, "backward", shape, "ms", t))
-                rows.append(common.row("head_steer", prov, "backward", shape, "GB/s", common.rate(t, 3 * n)))
+                rows.append(common.row("head_steer", prov, "backward", shape, "GB/s", common.rate(t, 3 * n),
+                                       of_copy=common.rate(t, 3 * n)["p50"] / bw["p50"]))
                 del out, leaves
             ms = {r["provider"]: r["p50"] for r in rows[-8:] if r["metric"] == "ms" and r["mode"] == "forward"}
             print(f"{dt_name} B{B} T{T} H{H} D{D}: fwd xlk {ms['xlkernels']:.3f} ms torch {ms['torch']:.3f} ms",

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import xlkernels
+from xlkernels import backends
 from xlkernels.ops import head_steer as hs
 from xlkernels.reference.head_steer import head_steer as ref
 
@@ -232,6 +233,52 @@ def test_compiled_op_checks_too():
         torch.ops.xlkernels.head_steer(o, None, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="o must be"):
         torch.ops.xlkernels.head_steer(o.double(), None, None)
+
+
+# ---- Triton backend (interpreter on CPU, real kernels on a GPU) -------------------------------------------------
+TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    backends.why_not("head_steer", "triton", torch.device(TRITON_DEV)) is not None,
+    reason=str(backends.why_not("head_steer", "triton", torch.device(TRITON_DEV))))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,gate_kind,shift_kind", [((1, 1, 3, 80), "h", "hd"), ((2, 17, 3, 80), "bh", "bhd"),
+                                                         ((3, 5, 2, 7), None, "hd"), ((2, 6, 3, 16), "bh", None)])
+def test_triton_forward_backward(dtype, shape, gate_kind, shift_kind):
+    o, gate, shift = make(shape, gate_kind, shift_kind, dtype, device=TRITON_DEV, transposed=True)
+    with xlkernels.backend("triton"):
+        out = xlkernels.head_steer(o, gate, shift)
+    assert out.dtype == dtype and rel_err(out, ref64(o, gate, shift)) <= TOL[dtype]
+    dout = torch.randn(shape, device=TRITON_DEV).to(dtype)
+    req = (True, gate is not None, shift is not None)
+    got = _grads("triton", o, gate, shift, dout, req)
+    o64, g64, s64 = [None if x is None else x.detach().double().requires_grad_(r)
+                     for x, r in zip((o, gate, shift), req)]
+    ref(o64, g64, s64).backward(dout.double())
+    assert rel_err(got[0], o64.grad) <= TOL[dtype]
+    for g, w, x in zip(got[1:], (g64, s64), (gate, shift)):
+        if x is not None:
+            assert g.shape == x.shape and g.dtype == x.dtype and rel_err(g, w.grad) <= 1e-5
+
+
+@needs_triton
+def test_triton_zero_gate_nan_and_opcheck():
+    o, gate, shift = make((2, 5, 3, 16), "bh", "hd", device=TRITON_DEV)
+    o[:, :, 1] = float("nan")
+    gate[:, 1] = 0.0
+    with xlkernels.backend("triton"):
+        out = xlkernels.head_steer(o, gate, shift)
+    assert torch.equal(out[:, :, 1], shift[1].expand(2, 5, 16))
+    got = _grads("triton", o, gate, shift, torch.randn(o.shape, device=TRITON_DEV), (True, True, True))
+    assert all(torch.isfinite(g).all() for g in got)
+    o, gate, shift = make((2, 3, 2, 8), "h", "bhd", device=TRITON_DEV, transposed=True)
+    torch.library.opcheck(torch.ops.xlkernels.head_steer_triton.default,
+                          (o.requires_grad_(), gate.requires_grad_(), shift.requires_grad_()))
+    torch.library.opcheck(torch.ops.xlkernels.head_steer_backward_triton.default,
+                          (torch.randn(o.shape, device=TRITON_DEV), o.detach(), gate.detach(), shift.detach(),
+                           True, True, True))
 
 
 # ---- CUDA backend (skipped without a GPU) --------------------------------------------------------------------

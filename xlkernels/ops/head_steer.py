@@ -9,18 +9,38 @@ summed over B when gate/shift had no batch dim. CUDA grads of gate/shift use fp3
 deterministic across runs).
 
 Ops: xlkernels::head_steer and xlkernels::head_steer_backward (C++: csrc/cpu/head_steer.cpp,
-csrc/cuda/head_steer*); fake impls and autograd are registered here.
+csrc/cuda/head_steer*), xlkernels::head_steer_triton / head_steer_backward_triton (xlkernels/triton/head_steer.py,
+a fallback for CUDA tensors when the extension has no CUDA kernels); fake impls and autograd are registered here.
 """
 import warnings
+from typing import Optional
 
 import torch
 
 from .. import _checks, backends
 from ..reference import head_steer as ref
 
-backends.register_op("head_steer", ("cuda", "cpu", "reference"))
+backends.register_op("head_steer", ("cuda", "triton", "cpu", "reference"))
 
 HAS_COMPILED = hasattr(torch.ops.xlkernels, "head_steer")
+T = torch.Tensor
+OT = Optional[torch.Tensor]
+
+
+# ---- Triton ops (xlkernels/triton/head_steer.py) --------------------------------------------------------
+@torch.library.custom_op("xlkernels::head_steer_triton", mutates_args=())
+def _fwd_triton(o: T, gate: OT, shift: OT) -> T:
+    from ..triton import head_steer as tri
+    check_args(o, gate, shift)
+    return tri.forward(o if o.shape[-1] <= 1 or o.stride(-1) == 1 else o.contiguous(), gate, shift)
+
+
+@torch.library.custom_op("xlkernels::head_steer_backward_triton", mutates_args=())
+def _bwd_triton(grad_out: T, o: T, gate: OT, shift: OT, need_o: bool, need_gate: bool,
+                need_shift: bool) -> tuple[T, T, T]:
+    from ..triton import head_steer as tri
+    o = o if o.shape[-1] <= 1 or o.stride(-1) == 1 else o.contiguous()
+    return tri.backward(grad_out, o, gate, shift, need_o, need_gate, need_shift)
 
 
 def _fake(o, gate, shift):
@@ -45,18 +65,23 @@ def _setup(ctx, inputs, output):
                           shift if ctx.need[2] else None)
 
 
-def _backward(ctx, grad):
-    o, gate, shift = ctx.saved_tensors
-    need_o, need_gate, need_shift = ctx.need
-    go, gg, gs = torch.ops.xlkernels.head_steer_backward(
-        grad, o if o is not None else grad, gate, shift, need_o, need_gate, need_shift)
-    return go if need_o else None, gg if need_gate else None, gs if need_shift else None
+def _make_backward(bwd_op):
+    def _backward(ctx, grad):
+        o, gate, shift = ctx.saved_tensors
+        need_o, need_gate, need_shift = ctx.need
+        go, gg, gs = bwd_op(grad, o if o is not None else grad, gate, shift, need_o, need_gate, need_shift)
+        return go if need_o else None, gg if need_gate else None, gs if need_shift else None
+    return _backward
 
 
+_fwd_triton.register_fake(_fake)
+_bwd_triton.register_fake(_fake_backward)
+torch.library.register_autograd("xlkernels::head_steer_triton", _make_backward(_bwd_triton), setup_context=_setup)
 if HAS_COMPILED:
     torch.library.register_fake("xlkernels::head_steer")(_fake)
     torch.library.register_fake("xlkernels::head_steer_backward")(_fake_backward)
-    torch.library.register_autograd("xlkernels::head_steer", _backward, setup_context=_setup)
+    torch.library.register_autograd("xlkernels::head_steer", _make_backward(torch.ops.xlkernels.head_steer_backward),
+                                    setup_context=_setup)
 
 
 PARAM_DTYPES = _checks.FLOATS + (torch.float64,)
@@ -95,4 +120,6 @@ def head_steer(o: torch.Tensor, gate: "torch.Tensor | None" = None, shift: "torc
         backend = "reference"
     if backend == "reference":
         return ref.head_steer(o, gate, shift)
+    if backend == "triton":
+        return _fwd_triton(o, gate, shift)
     return torch.ops.xlkernels.head_steer(o, gate, shift)
