@@ -24,6 +24,11 @@ def _np(x):
     return np.asarray(x, dtype=float)
 
 
+def _int_ticks(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path):
     path = os.fspath(path)
     parent = os.path.dirname(path)
@@ -43,6 +48,7 @@ def layer_curves(curves: dict, path, title="", ylabel="score", xlabel="layer", y
         ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=str(label))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    _int_ticks(ax)
     if ylim is not None:
         ax.set_ylim(*ylim)
     if title:
@@ -65,6 +71,7 @@ def mexa_curve(result: dict, path, pooling=None, title=None):
         if "anc" in result and lang in result["anc"]:
             ax.plot(range(len(ys)), result["anc"][lang], ls="--", color=c, alpha=0.6, label=f"{lang} ANC")
     ax.set_xlabel("layer (0 = embeddings)")
+    _int_ticks(ax)
     ax.set_ylabel("alignment with " + result.get("pivot", "pivot"))
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title or f"MEXA per layer ({pooling} pooling, n={result.get('n', '?')})")
