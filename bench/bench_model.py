@@ -188,7 +188,8 @@ def main(argv=None):
     for r in rows:
         if r["provider"] != "hf":
             print(f"{r['shape']['model']:14s} {r['mode']:8s} {r['provider']:8s} vs hf: {r['speedup']:.3f}x")
-    path = common.record(rows, f"model-{args.model}" + ("-quick" if args.quick else ""))
+    meta = {"note": "CPU numbers from a shared 2-core machine are indicative"}
+    path = common.record(rows, f"model-{args.model}" + ("-quick" if args.quick else ""), meta=meta)
     print("wrote", path)
     return 0
 

@@ -206,9 +206,10 @@ def test_steered_generation_matches_hooks(arch):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_low_precision(arch, dtype):
+def test_low_precision(arch, dtype, backend):
     """Patched bf16/fp16 logits are as close to the fp32 model as HF's own bf16/fp16 path is."""
     ids, mask = batch()
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_low_precision(arch, dtype):
         st = xlkernels.patch(model)
         st.mask_heads([1])
         st.reset()
-        with xlkernels.backend("reference"):
+        with xlkernels.backend(backend):
             out = model(input_ids=ids, attention_mask=mask).logits.float()
     assert rel(out, ref, mask) <= 2 * rel(hf, ref, mask) + 1e-3
 
