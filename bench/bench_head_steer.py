@@ -11,6 +11,7 @@ import torch
 
 import xlkernels
 from bench import common
+from xlkernels import backends
 
 SHAPES = [  # (B, T, H, D)
     (1, 2048, 4, 256),   # Gemma-3-270M prefill
@@ -23,6 +24,11 @@ QUICK_SHAPES = [(1, 512, 4, 256), (16, 1, 32, 128)]
 
 def torch_steer(o, gate, shift):
     return o * gate.to(o.dtype)[:, None] + shift.to(o.dtype)
+
+
+def triton_steer(o, gate, shift):
+    with xlkernels.backend({"head_steer": "triton"}):
+        return xlkernels.head_steer(o, gate, shift)
 
 
 def main(argv=None) -> int:
@@ -58,6 +64,8 @@ def main(argv=None) -> int:
             impls = {"xlkernels": xlkernels.head_steer,
                      # plain PyTorch must also make the result (B,T,H,D)-contiguous, as the op does
                      "torch": lambda o, g, s: torch_steer(o, g, s).contiguous()}
+            if dev.type == "cuda" and backends.why_not("head_steer", "triton", dev) is None:
+                impls["xlkernels-triton"] = triton_steer
             for prov, fn in impls.items():
                 with torch.no_grad():
                     t = common.timeit(lambda: fn(o, gate, shift), warmup=warmup, rep=rep, device=dev, **clk)
@@ -73,7 +81,8 @@ def main(argv=None) -> int:
                 rows.append(common.row("head_steer", prov, "backward", shape, "GB/s", common.rate(t, 3 * n),
                                        of_copy=common.rate(t, 3 * n)["p50"] / bw["p50"]))
                 del out, leaves
-            ms = {r["provider"]: r["p50"] for r in rows[-8:] if r["metric"] == "ms" and r["mode"] == "forward"}
+            ms = {r["provider"]: r["p50"] for r in rows[-4 * len(impls):]
+                  if r["metric"] == "ms" and r["mode"] == "forward"}
             print(f"{dt_name} B{B} T{T} H{H} D{D}: fwd xlk {ms['xlkernels']:.3f} ms torch {ms['torch']:.3f} ms",
                   flush=True)
     path = common.record(rows, args.name or "head_steer" + ("-quick" if args.quick else ""),
