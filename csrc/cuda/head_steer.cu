@@ -42,9 +42,10 @@ template <typename T, int V>
 __device__ __forceinline__ void store(T* p, const Pack<T, V>& x) { *reinterpret_cast<Pack<T, V>*>(p) = x; }
 
 // Grid-stride over the nvec = B*T*H*D/V vectors of the output; I is the index type (32-bit when it fits).
+// svec: shift rows may be read as float4 (16-byte aligned, D % 4 == 0, V % 4 == 0).
 template <typename T, int V, typename I>
 __global__ void fwd_kernel(const T* __restrict__ o, T* __restrict__ out, const float* __restrict__ gate,
-                           const float* __restrict__ shift, SteerShape s, I nvec) {
+                           const float* __restrict__ shift, SteerShape s, I nvec, bool svec) {
   const I dv = static_cast<I>(s.D / V), H = static_cast<I>(s.H), Tn = static_cast<I>(s.T);
   const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
   for (I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); i < nvec;
@@ -52,15 +53,38 @@ __global__ void fwd_kernel(const T* __restrict__ o, T* __restrict__ out, const f
     const I row = i / dv, d = (i - row * dv) * V;
     const I h = row % H, bt = row / H, t = bt % Tn, b = bt / Tn;
     const float g = gate ? gate[b * s.gate_bs + h] : 1.f;
-    const float* sp = shift ? shift + b * s.shift_bs + h * s.D + d : nullptr;
+    float sv[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) sv[j] = 0.f;
+    if (shift) {
+      const float* sp = shift + b * s.shift_bs + h * s.D + d;
+      if constexpr (V % 4 == 0) {
+        if (svec) {
+#pragma unroll
+          for (int q = 0; q < V / 4; ++q) {
+            const float4 f = reinterpret_cast<const float4*>(sp)[q];
+            sv[4 * q] = f.x;
+            sv[4 * q + 1] = f.y;
+            sv[4 * q + 2] = f.z;
+            sv[4 * q + 3] = f.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) sv[j] = sp[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) sv[j] = sp[j];
+      }
+    }
     Pack<T, V> y;
     if (g == 0.f) {  // select: o is not read (it may hold garbage for skipped heads)
 #pragma unroll
-      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(sp ? sp[j] : 0.f);
+      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(sv[j]);
     } else {
       const Pack<T, V> x = load<T, V>(o + b * s.sb + t * s.st + h * s.sh + d);
 #pragma unroll
-      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g * to_f<T>(x.v[j]) + (sp ? sp[j] : 0.f));
+      for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g * to_f<T>(x.v[j]) + sv[j]);
     }
     store<T, V>(out + static_cast<int64_t>(row) * s.D + d, y);
   }
@@ -190,12 +214,13 @@ cudaError_t head_steer_forward(int dtype, const void* o, void* out, const float*
       if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;
       const T* op = static_cast<const T*>(o);
       T* yp = static_cast<T*>(out);
+      const bool svec = shift != nullptr && V % 4 == 0 && s.D % 4 == 0 && s.shift_bs % 4 == 0 && aligned(shift, 16);
       if (nvec < (int64_t{1} << 31)) {
         fwd_kernel<T, V, uint32_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-            op, yp, gate, shift, s, static_cast<uint32_t>(nvec));
+            op, yp, gate, shift, s, static_cast<uint32_t>(nvec), svec);
       } else {
         fwd_kernel<T, V, int64_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(op, yp, gate, shift, s,
-                                                                                         nvec);
+                                                                                         nvec, svec);
       }
       return cudaGetLastError();
     });
