@@ -15,7 +15,7 @@ import torch
 import xlkernels
 from bench import common
 
-SHAPES = {"cpu": [(2048, 2048, 8), (4096, 4096, 16)], "cuda": [(16384, 8192, 8), (8192, 14336, 32)]}
+SHAPES = {"cpu": [(2048, 2048, 8), (4096, 2048, 16)], "cuda": [(16384, 8192, 8), (8192, 14336, 32)]}
 QUICK = {"cpu": [(1024, 1024, 8)], "cuda": [(4096, 8192, 8)]}
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     dtypes = args.dtype or (["float32", "bfloat16"] if dev.type == "cpu" else ["bfloat16", "float32"])
     shapes = (QUICK if args.quick else SHAPES)[dev.type]
-    rep, warmup = (5, 2) if args.quick else (20, 3)
+    rep, warmup = (5, 2) if args.quick else ((10, 2) if dev.type == "cpu" else (20, 3))
     rows = []
     bw = common.copy_bandwidth(dev, nbytes=2**26 if args.quick and dev.type == "cpu" else None)
     rows.append(common.row("copy", "torch", "copy", "clone", "GB/s", bw))

@@ -304,6 +304,8 @@ def test_gpu(backend, dtype, act, kind, nn):
     stats = NeuronStats.empty(G, nn, device="cuda")
     gc, uc = gate.cuda().requires_grad_(), up.cuda().requires_grad_()
     dev_iv = iv.to("cuda") if iv is not None else None
+    poison = torch.full_like(gc, float("nan"))  # freed blocks get reused by the caching allocator
+    del poison
     with xlkernels.backend(backend):
         out = xlkernels.glu(gc, uc, act, stats=stats, group_ids=ids.cuda(), intervention=dev_iv)
     go = torch.randn_like(out)

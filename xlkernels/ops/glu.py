@@ -167,10 +167,9 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *, stats
             num_groups = intervention.num_groups
     ids = None
     if group_ids is not None:
-        ids = ns.check_group_ids(group_ids, gate.shape[:-1], gate.device,
-                                 num_groups if num_groups is not None else 2 ** 62)
-        if stats is None and (mul is None or mul.dim() == 1):
-            ids = None  # not needed by the kernel
+        ids = ns.check_group_ids(group_ids, gate.shape[:-1], gate.device, num_groups)
+        if num_groups is None:
+            ids = None  # neither stats nor a per-group intervention: the kernel does not need them
     shape = gate.shape
     g2, u2 = gate.reshape(-1, n_neurons).contiguous(), up.reshape(-1, n_neurons).contiguous()
     backend = _select(str(gate.device))

@@ -52,8 +52,9 @@ def check_stats(stats, num_groups: int, num_neurons: int, device: torch.device, 
     return stats
 
 
-def check_group_ids(group_ids, lead_shape, device, num_groups: int, name: str = "group_ids") -> torch.Tensor:
-    """Check group_ids match the activations' leading shape and lie in [-1, num_groups); returns flat int64."""
+def check_group_ids(group_ids, lead_shape, device, num_groups: "int | None", name: str = "group_ids") -> torch.Tensor:
+    """Check group_ids match the activations' leading shape and lie in [-1, num_groups) (range not checked when
+    num_groups is None: the ids are unused); returns flat int64."""
     if not isinstance(group_ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(group_ids).__name__}")
     if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
@@ -63,7 +64,8 @@ def check_group_ids(group_ids, lead_shape, device, num_groups: int, name: str = 
                          f"got {tuple(group_ids.shape)}")
     _checks.same_device(name, group_ids, torch.empty(0, device=device), "act")
     ids = group_ids.reshape(-1).to(torch.int64).contiguous()
-    if not torch.compiler.is_compiling():  # data-dependent; under torch.compile the kernels guard (C++ raises)
+    if num_groups is not None and not torch.compiler.is_compiling():  # data-dependent (syncs on CUDA); under
+        # torch.compile the kernels guard instead (the CPU kernels raise, CUDA/Triton skip out-of-range ids)
         _checks.ids_in_range(ids, name, num_groups)
     return ids
 
