@@ -163,7 +163,9 @@ class Steerer:
         self._iv_cache.clear()
 
     def deactivate_neurons(self, neurons: dict) -> None:
-        """Zero the activation of the given neurons: {layer: LongTensor of neuron indices}."""
+        """Zero the activation of the given neurons: {layer: LongTensor of neuron indices}.
+
+        Replaces any intervention already set on those layers (use set_neuron_intervention to compose)."""
         from xlkernels import NeuronIntervention
 
         for layer, idx in neurons.items():
