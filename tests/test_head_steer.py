@@ -132,6 +132,28 @@ def test_backward_cpu(dtype, shape, gate_kind, shift_kind):
 
 
 @needs_compiled
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_parallel_paths(threads):
+    """Large enough that rows split across threads (forward) and T splits into chunks (backward)."""
+    shape = (2, 2053, 3, 16)  # T*H*D well above one task's minimum work; odd T for a ragged last chunk
+    o, gate, shift = make(shape, "h", "bhd", torch.bfloat16, transposed=True)
+    dout = torch.randn(shape).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with xlkernels.backend("cpu"):
+            out = xlkernels.head_steer(o, gate, shift)
+        got = _grads("cpu", o, gate, shift, dout, (True, True, True))
+    finally:
+        torch.set_num_threads(old)
+    assert rel_err(out, ref64(o, gate, shift)) <= TOL[torch.bfloat16]
+    o64, g64, s64 = [x.detach().double().requires_grad_() for x in (o, gate, shift)]
+    ref(o64, g64, s64).backward(dout.double())
+    assert rel_err(got[0], o64.grad) <= TOL[torch.bfloat16]
+    assert rel_err(got[1], g64.grad) <= 1e-5 and rel_err(got[2], s64.grad) <= 1e-5
+
+
+@needs_compiled
 @pytest.mark.parametrize("req", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
 def test_backward_subsets(req):
     o, gate, shift = make((2, 7, 3, 24), "bh", "hd")
