@@ -290,3 +290,60 @@ def test_gpu_head_skip_and_compile():
         out = f(q, k, v)
     assert torch.equal(out[:, [0, 5]], sh[[0, 5]][None, :, None, :].expand(2, 2, 300, 128).bfloat16())
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ GPU code path compiles (no GPU needed)
+
+AOT = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import triton
+from triton.backends.compiler import GPUTarget
+from xlkernels.triton import attention as A
+
+FLOATS = ("scale_log2", "sc_scale", "sc_log2", "scale")
+
+
+def build(fn, ptrs, consts, warps=4, stages=2):
+    sig, cst = {}, {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n], cst[n] = "constexpr", consts[n]
+        else:
+            sig[n] = "*" + ptrs[n] if n in ptrs else "fp32" if n in FLOATS else "i32"
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
+
+
+dt = "bf16"
+c = dict(HEAD_D=80, CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_KPM=True, HAS_GATE=True, UPCAST=False,
+         PREC=None, BLOCK_D=128)
+f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Acc="fp32", Ml="fp32", DGate="fp32",
+           DShift="fp32")
+io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
+p = {**io, **f32}
+build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, BLOCK_M=64, BLOCK_N=64))
+build(A._bwd_dkdv_kernel, p, dict(c, BLOCK_M=16, BLOCK_N=64))
+build(A._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
+build(A._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
+build(A._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, PACK=4,
+                                 BLOCK_M=16, BLOCK_D=128))
+build(A._bwd_pre_kernel, p, dict(HEAD_D=80, NEED_DGATE=True, NEED_DSHIFT=True, BLOCK_M=64, BLOCK_D=128))
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """Compile every kernel (all features on, bf16, padded head dim) for sm_90 with Triton's bundled ptxas, so a
+    GPU-only compile error shows up here without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
