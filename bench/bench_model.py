@@ -92,7 +92,18 @@ class HookSteer:
             h.remove()
 
 
+def _quantiles(times):
+    import statistics
+
+    xs = sorted(times)
+    if len(xs) < 3:
+        return {"p50": statistics.median(xs), "p20": xs[0], "p80": xs[-1]}
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return {"p50": statistics.median(xs), "p20": q[1], "p80": q[7]}
+
+
 def run_model(model, name, device, quick, rows, B, T, steps):
+    """Providers are timed round-robin (one call each per round) so machine-load drift hits all alike."""
     import xlkernels
 
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -100,13 +111,11 @@ def run_model(model, name, device, quick, rows, B, T, steps):
     g = torch.Generator().manual_seed(0)
     gate = (torch.rand(L, H, generator=g) + 0.5).to(device)
     shift = (torch.randn(L, H, D, generator=g) * 0.1).to(device)
-    vocab = model.config.vocab_size
-    ids = torch.randint(10, vocab, (B, T), generator=g).to(device)
+    ids = torch.randint(10, model.config.vocab_size, (B, T), generator=g).to(device)
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     gids = (torch.arange(B, device=device) % 2)[:, None].expand(B, T).contiguous()
     gids1 = gids[:, :1].contiguous()
-    warm, rep = (1, 3) if quick else (2, 8)
-    budget = 20 if device.type == "cpu" else None
+    rounds = 3 if quick else (6 if device.type == "cpu" else 10)
 
     @torch.no_grad()
     def prefill():
@@ -125,44 +134,45 @@ def run_model(model, name, device, quick, rows, B, T, steps):
                   logits_to_keep=1)
             cache.crop(-1)  # drop the new token: every step sees a cache of T
 
-    def measure(provider, wrap=None):
-        for mode, fn, ntok, gi in (("prefill", prefill, B * T, gids), ("decode", decode, B * steps, gids1)):
-            call = fn
-            if wrap is not None:
-                call = (lambda fn=fn, gi=gi: wrap(fn, gi))
-            t = common.timeit(call, warmup=warm, rep=rep, device=device, budget_s=budget)
+    state = {"hooks": None}
+
+    def enter(provider, gi):
+        if state["hooks"] is not None:
+            state["hooks"].remove()
+            state["hooks"] = None
+        if provider in ("hf", "hooks"):
+            xlkernels.unpatch(model)
+            if provider == "hooks":
+                state["hooks"] = HookSteer(model, gate, shift, gi, 2)
+            return None
+        st = xlkernels.patch(model)
+        st.reset()
+        if provider == "xlk_on":
+            st.gate, st.shift = gate, shift
+        return st
+
+    for mode, fn, ntok, gi in (("prefill", prefill, B * T, gids), ("decode", decode, B * steps, gids1)):
+        times = {p: [] for p in PROVIDERS}
+        for r in range(rounds + 1):  # round 0 is warm-up
+            for provider in PROVIDERS:
+                st = enter(provider, gi)
+                if provider == "xlk_on":
+                    def call(fn=fn, st=st):
+                        with st.record_neurons(gi, 2):
+                            fn()
+                else:
+                    call = fn
+                t = common.timeit(call, warmup=0, rep=1, device=device)
+                if r:
+                    times[provider].append(t["p50"])
+        enter("hf", gi)
+        shape = {"model": name, "B": B, "T": T} if mode == "prefill" else \
+            {"model": name, "B": B, "cache": T, "steps": steps}
+        for provider in PROVIDERS:
+            t = _quantiles(times[provider])
             r = common.rate(t, ntok, 1.0)
-            shape = {"model": name, "B": B, "T": T} if mode == "prefill" else \
-                {"model": name, "B": B, "cache": T, "steps": steps}
             rows.append(common.row("model", provider, mode, shape, "tokens/s", r, ms=t["p50"]))
             print(f"{name:14s} {mode:8s} {provider:8s} {r['p50']:12.1f} tokens/s  ({t['p50']:.1f} ms)", flush=True)
-
-    measure("hf")
-    st = xlkernels.patch(model)
-    measure("xlk_off")
-    st.gate, st.shift = gate, shift
-
-    def recorded(fn, gi):
-        with st.record_neurons(gi, 2):
-            fn()
-
-    measure("xlk_on", recorded)
-    xlkernels.unpatch(model)
-    # hooks: installed per mode, since the group ids differ in shape between prefill and decode
-    hk = HookSteer(model, gate, shift, gids, 2)
-    t = common.timeit(prefill, warmup=warm, rep=rep, device=device, budget_s=budget)
-    hk.remove()
-    r = common.rate(t, B * T, 1.0)
-    rows.append(common.row("model", "hooks", "prefill", {"model": name, "B": B, "T": T}, "tokens/s", r,
-                           ms=t["p50"]))
-    print(f"{name:14s} prefill  hooks    {r['p50']:12.1f} tokens/s  ({t['p50']:.1f} ms)", flush=True)
-    hk = HookSteer(model, gate, shift, gids1, 2)
-    t = common.timeit(decode, warmup=warm, rep=rep, device=device, budget_s=budget)
-    hk.remove()
-    r = common.rate(t, B * steps, 1.0)
-    rows.append(common.row("model", "hooks", "decode", {"model": name, "B": B, "cache": T, "steps": steps},
-                           "tokens/s", r, ms=t["p50"]))
-    print(f"{name:14s} decode   hooks    {r['p50']:12.1f} tokens/s  ({t['p50']:.1f} ms)", flush=True)
 
 
 def main(argv=None):
