@@ -367,3 +367,13 @@ def test_attn_implementation_by_name_without_patch():
         with xlkernels.backend("reference"):
             out = model(input_ids=ids, attention_mask=mask).logits
     assert rel(out, ref, mask) < 1e-5
+
+
+def test_capture_positions_checked():
+    model = tiny("llama")
+    st = xlkernels.patch(model)
+    ids, mask = batch()
+    for bad in (torch.tensor([0, 13, 1]), torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match="positions"):
+            with torch.no_grad(), xlkernels.backend("reference"), st.capture_heads(bad):
+                model(input_ids=ids, attention_mask=mask)

@@ -27,6 +27,12 @@ class HeadCapture:
         if self.positions is None:
             sel = out[:, -1]
         else:
+            if self.positions.shape[0] != B:
+                raise ValueError(f"capture_heads: positions has {self.positions.shape[0]} entries, batch is {B}")
+            if layer == 0 and not torch.compiler.is_compiling():
+                lo, hi = int(self.positions.min()), int(self.positions.max())
+                if lo < -T or hi >= T:
+                    raise ValueError(f"capture_heads: positions holds {lo if lo < -T else hi}, outside [-{T}, {T})")
             pos = self.positions.to(out.device)
             sel = out[torch.arange(B, device=out.device), pos]
         self._per_layer[layer] = sel.detach()
