@@ -205,17 +205,18 @@ def smoke():
     """One tiny config on CPU (interpreter): checks that the script's code paths still run."""
     rows = []
     dev = torch.device("cpu")
-    B, H, S, D = 1, 2, 64, 64
+    B, H, S, D = 1, 2, 40, 64
     for steer in (False, True):
         bench_one(rows, "xlkernels" + ("-steered" if steer else ""), xlk_provider("triton"), B, H, S, D, True,
-                  torch.float32, dev, steer, 1, 2, ("forward", "backward", "full"))
-    bench_one(rows, "sdpa-math", sdpa_provider("math"), B, H, S, D, True, torch.float32, dev, False, 1, 2,
+                  torch.float32, dev, steer, 1, 1, ("forward", "backward", "full"))
+    bench_one(rows, "sdpa-math", sdpa_provider("math"), B, H, S, D, True, torch.float32, dev, False, 1, 1,
               ("forward", "backward"))
     bench_one(rows, "sdpa+head_steer-steered", xlk_provider("cpu"), B, H, S, D, True, torch.float32, dev, True, 1,
-              2, ("forward",))
+              1, ("forward",))
     assert rows and all(r["p50"] > 0 for r in rows), rows
-    path = common.record(rows, "attention-smoke", out_dir=tempfile.mkdtemp())
-    print(f"smoke ok: {len(rows)} rows -> {path}")
+    with tempfile.TemporaryDirectory() as tmp:
+        common.record(rows, "attention-smoke", out_dir=tmp)
+    print(f"smoke ok: {len(rows)} rows")
     return 0
 
 

@@ -20,7 +20,7 @@ def _poison(monkeypatch):
 
 
 def make(B, H, Hkv, T, S, D, dtype, device="cpu", gate="bh", shift="hd", kpm=None, zero_heads=(), gate_grad=True,
-         seed=0):
+         qkv_grad=(True, True, True), seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -44,7 +44,7 @@ def make(B, H, Hkv, T, S, D, dtype, device="cpu", gate="bh", shift="hd", kpm=Non
         if kpm == "full":  # batch row 0 fully padded
             mask[0] = False
         mask = mask.to(device)
-    leaves = [q, k, v] + ([gt] if gt is not None and gate_grad else []) + ([sh] if sh is not None else [])
+    leaves = [x for x, want in zip((q, k, v), qkv_grad) if want] + ([gt] if gt is not None and gate_grad else []) + ([sh] if sh is not None else [])
     for x in leaves:
         x.requires_grad_(True)
     return q, k, v, gt, sh, mask, leaves
@@ -66,7 +66,7 @@ def errs(got, ref):
 
 
 def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device="cpu", **kw):
-    spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad") if n in kw}
+    spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad", "qkv_grad") if n in kw}
     q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, device=device, **spec)
     if not grads:
         leaves = []
@@ -175,6 +175,13 @@ def test_head_skip_exact_and_not_computed(T):
     assert (out[:, [1, 2]].double() - ref[:, [1, 2]]).abs().max() < 5e-3
 
 
+@pytest.mark.parametrize("qkv_grad", [(False, False, False), (True, False, False), (False, True, False)],
+                         ids=["steer-only", "q-only", "k-only"])
+def test_partial_grads(qkv_grad):
+    # frozen q/k/v (head importance on the first layer): only the rowsum(dO*O_raw) pass runs for gate/shift
+    check_case(1, 4, 2, 33, 40, 64, torch.float16, zero_heads=(1,), qkv_grad=qkv_grad, kpm="some")
+
+
 def test_zero_gate_with_grad_gives_gate_grad():
     # LAHIS: d gate at gate == 0 is sum dO * O_raw, so the head must be computed when gate needs grad.
     check_case(1, 4, 2, 33, 33, 64, torch.float32, zero_heads=(1, 2), gate_grad=True)
@@ -236,7 +243,10 @@ def test_opcheck():
     do = torch.randn_like(out)
     torch.library.opcheck(torch.ops.xlkernels.steered_attention_bwd,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), o_raw, lse, g.detach(),
-                           sh.detach(), m, True, 0.25, 0, 0.0, True, True))
+                           sh.detach(), m, True, 0.25, 0, 0.0, True, True, True, True))
+    torch.library.opcheck(torch.ops.xlkernels.steered_attention_bwd,
+                          (do, q.detach(), k.detach(), v.detach(), out.detach(), o_raw, lse, g.detach(),
+                           sh.detach(), m, True, 0.25, 0, 0.0, False, False, True, False))
 
 
 @pytest.mark.parametrize("be", ["reference", "cpu", "triton"])
@@ -347,3 +357,9 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_bench_smoke():
+    """bench/bench_attention.py --smoke: the GPU benchmark's code paths still run (tiny CPU config)."""
+    from bench import bench_attention
+    assert bench_attention.main(["--smoke"]) == 0

@@ -4,7 +4,12 @@ out[b,h] = gate[b,h] * softmax(mask(softcap(scale * q k^T))) v + shift[b,h]
 
 Backends: 'triton' (fused forward + FlashAttention-2 backward; d gate and d shift come out of the backward's
 rowsum(dO*O) pass), 'cpu'/'cuda' (torch SDPA, or math attention when softcap is set, then the head_steer
-epilogue), 'reference' (pure PyTorch in the input dtype).
+epilogue; no head skipping), 'reference' (pure PyTorch in the input dtype).
+Triton details: T <= 16 (decode) runs a split-KV flash-decoding kernel whose programs take all query heads of
+one KV head (K/V read once per GQA group) and a merge kernel that applies the epilogue; longer T runs the
+FlashAttention-2 forward. A gate == 0 that needs no grad skips that head's key loop (forward and backward).
+Gate/shift gradients accumulate with fp32 atomics (not bitwise deterministic). torch.compile sees the ops as
+opaque custom ops (fake impls registered); the backend is fixed when a function is traced.
 """
 from typing import Optional
 
@@ -186,23 +191,27 @@ def _fwd_fake(q, k, v, gate, shift, key_padding_mask, causal, scale, window, sof
 @torch.library.custom_op("xlkernels::steered_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, o_raw: Tensor, lse: Tensor,
          gate: Optional[Tensor], shift: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
-         scale: float, window: int, softcap: float, need_dgate: bool,
+         scale: float, window: int, softcap: float, need_dq: bool, need_dkdv: bool, need_dgate: bool,
          need_dshift: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv, dgate (B,H) float32 (empty unless need_dgate), dshift (B,H,D) float32 (empty unless
-    need_dshift)."""
+    """-> dq (empty unless need_dq), dk, dv (empty unless need_dkdv), dgate (B,H) float32 (empty unless
+    need_dgate), dshift (B,H,D) float32 (empty unless need_dshift). With only gate/shift grads wanted (e.g.
+    head importance on a frozen first layer) just the rowsum(dO*O_raw) pass runs."""
     from ..triton import attention as kern
     return kern.backward(do, q, k, v, out, o_raw, lse, gate, shift, key_padding_mask, causal, scale, window,
-                         softcap, need_dgate, need_dshift)
+                         softcap, need_dq, need_dkdv, need_dgate, need_dshift)
 
 
 @_bwd.register_fake
 def _bwd_fake(do, q, k, v, out, o_raw, lse, gate, shift, key_padding_mask, causal, scale, window, softcap,
-              need_dgate, need_dshift):
+              need_dq, need_dkdv, need_dgate, need_dshift):
     B, H, T, D = q.shape
     f32 = torch.float32
+    dq = torch.empty_like(q) if need_dq else q.new_empty(0)
+    dk = torch.empty_like(k) if need_dkdv else k.new_empty(0)
+    dv = torch.empty_like(v) if need_dkdv else v.new_empty(0)
     dgate = q.new_empty(B, H, dtype=f32) if need_dgate else q.new_empty(0, dtype=f32)
     dshift = q.new_empty(B, H, D, dtype=f32) if need_dshift else q.new_empty(0, dtype=f32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate, dshift
+    return dq, dk, dv, dgate, dshift
 
 
 def _setup(ctx, inputs, output):
@@ -216,11 +225,16 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, do_raw, dlse):
     q, k, v, out, o_raw, lse, gate, shift, kpm = ctx.saved_tensors
     causal, scale, window, softcap = ctx.params
+    need_dq = ctx.needs_input_grad[0]
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_dgate = gate is not None and ctx.needs_input_grad[3]
     need_dshift = shift is not None and ctx.needs_input_grad[4]
     dq, dk, dv, dgate, dshift = torch.ops.xlkernels.steered_attention_bwd(
-        dout, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, window, softcap, need_dgate,
-        need_dshift)
+        dout, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, window, softcap, need_dq, need_dkdv,
+        need_dgate, need_dshift)
+    dq = dq if need_dq else None
+    dk = dk if ctx.needs_input_grad[1] else None
+    dv = dv if ctx.needs_input_grad[2] else None
     dgate = dgate.to(gate.dtype) if need_dgate else None
     dshift = dshift.to(shift.dtype) if need_dshift else None
     return dq, dk, dv, dgate, dshift, None, None, None, None, None, None, None

@@ -700,20 +700,20 @@ def _decode(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, con
         SAVE_RAW=save_raw, PACK=pack, BLOCK_M=block_m, BLOCK_D=block_d, **({} if INTERP else {"num_warps": 4}))
 
 
-def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, window, softcap, need_dgate,
-             need_dshift):
+def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, window, softcap, need_dq, need_dkdv,
+             need_dgate, need_dshift):
     B, H, T, D, Hkv, S, block_d, consts, scal, g, gs, kp, kps = _common(q, k, gate, shift, kpm, causal, scale,
                                                                          window, softcap)
     if do.stride(-1) != 1:
         do = do.contiguous()
     f32 = torch.float32
-    dq = _empty_like(q)
-    dk = _empty_like(k)
-    dv = _empty_like(v)
+    dq = _empty_like(q) if need_dq else q.new_empty(0)
+    dk = _empty_like(k) if need_dkdv else k.new_empty(0)
+    dv = _empty_like(v) if need_dkdv else v.new_empty(0)
     dgate = torch.zeros(B, H, dtype=f32, device=q.device) if need_dgate else q.new_empty(0, dtype=f32)
     dshift = torch.zeros(B, H, D, dtype=f32, device=q.device) if need_dshift else q.new_empty(0, dtype=f32)
     if B * H * T == 0 or S == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+        dq.zero_(), dk.zero_(), dv.zero_()  # (S == 0 is rejected by the public function)
         if need_dshift and B * H * T:
             dshift.copy_(do.float().sum(2))
         return dq, dk, dv, dgate, dshift
@@ -729,10 +729,12 @@ def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, wind
     sc = (scal["window"], scale, scal["scale_log2"], scal["sc_scale"], scal["sc_log2"], _bucket(T), _bucket(S))
     qs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
           v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _launch("dkdv", lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv), block_d,
-            (q, k, v, do, lse, delta, dk, dv, g, kp, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
-             dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
-    _launch("dq", lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), block_d,
-            (q, k, v, do, lse, delta, dq, g, kp, *qs, dq.stride(0), dq.stride(1), dq.stride(2),
-             gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
+    if need_dkdv:
+        _launch("dkdv", lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv), block_d,
+                (q, k, v, do, lse, delta, dk, dv, g, kp, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
+                 dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
+    if need_dq:
+        _launch("dq", lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), block_d,
+                (q, k, v, do, lse, delta, dq, g, kp, *qs, dq.stride(0), dq.stride(1), dq.stride(2),
+                 gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
     return dq, dk, dv, dgate, dshift
