@@ -161,6 +161,21 @@ def test_half_backward(backend):
 
 
 @pytest.mark.parametrize("backend", HERE)
+def test_nan_policy(backend):
+    """A NaN gate gives a NaN output element and follows the NeuronStats NaN policy for its (group, neuron)."""
+    gate, up, _ = inputs((10, 6), torch.float32)
+    ids = torch.tensor([0, 0, 1, 1, -1, 0, 1, 0, 1, 1])
+    gate[1, 2] = float("nan")
+    stats = NeuronStats.empty(2, 6)
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up, "gelu_tanh", stats=stats, group_ids=ids)
+    assert out[1, 2].isnan() and int(out.isnan().sum()) == 1
+    assert stats.sum[0, 2].isnan() and stats.max[0, 2].isnan() and int(stats.max.isnan().sum()) == 1
+    assert stats.tokens.tolist() == [4, 5]
+    assert int(stats.positive[0, 2]) == int((gate[ids == 0, 2].nan_to_num(-1) > 0).sum())
+
+
+@pytest.mark.parametrize("backend", HERE)
 def test_non_contiguous(backend):
     gu = torch.randn(30, 2, 23)
     gate, up = gu[:, 0], gu[:, 1]  # strided views of a fused gate_up projection
