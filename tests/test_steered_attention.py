@@ -200,6 +200,15 @@ def test_output_layout_and_strided_inputs():
     with backend("triton"):
         raw = xlkernels.steered_attention(q, k, v)
     assert (raw.double() - ref).abs().max() < 1e-5
+    # backward through the (B,T,H,D) layout HF uses: the incoming grad is a transposed view
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    w = torch.randn(B, T, H, D)
+    with backend("triton"):
+        g = torch.autograd.grad((xlkernels.steered_attention(*leaves).transpose(1, 2) * w).sum(), leaves)
+    l64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    g64 = torch.autograd.grad((xlkernels.reference.attention.attention_raw(*l64).transpose(1, 2) * w).sum(), l64)
+    for a, b in zip(g, g64):
+        assert (a.double() - b).abs().max() < 1e-4
 
 
 def test_bad_inputs_name_the_argument():
@@ -226,6 +235,8 @@ def test_bad_inputs_name_the_argument():
         a = (args.pop("q"), args.pop("k"), args.pop("v"))
         with pytest.raises((ValueError, TypeError), match=word):
             f(*a, **args)
+    with backend("triton"), pytest.raises(TypeError, match="triton"):
+        f(q.double(), k.double(), v.double())
     if HAS_GPU:
         with pytest.raises(ValueError, match="gate"):
             f(q, k, v, gate=torch.ones(4, device="cuda"))
