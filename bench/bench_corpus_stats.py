@@ -5,6 +5,7 @@ counting act > 0 per language with index_add_, as a LAPE port to HF would) on th
 python -m bench.bench_corpus_stats [--quick] [--device cpu|cuda] [--model default|tiny] [--threads N]
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
                                  "metric": metric, **vals})
                 print(f"{model_kind} B={B} T={T} {prov:<18} {t['p50']:9.2f} ms  {tps['p50']:10.0f} tokens/s",
                       flush=True)
-    path = common.record(rows, args.name)
+    # the host load at the end of the run: CPU timings taken on a shared, busy machine are noisy
+    path = common.record(rows, args.name, meta={"loadavg_1m": os.getloadavg()[0], "threads": torch.get_num_threads()})
     print(f"wrote {path}")
     return 0
 

@@ -5,12 +5,13 @@ import os
 import pytest
 
 from xlkernels import cli
+from xlkernels.commands.demo import guess_language
 
 
 def test_demo_tiny_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--tiny", "llama", "--quick", "--n", "8", "--max-new-tokens", "4", "--no-progress",
-                   "--prompt", "Hello", "--out", str(out)])
+                   "--prompt", "Hello", "--shift", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     for needle in ("language attention heads", "language neurons", "steering English prompts toward de",
@@ -28,7 +29,7 @@ def test_demo_reports_a_failing_step(tmp_path, capsys, monkeypatch):
     from xlkernels.analysis import shift
     monkeypatch.setattr(shift, "shift_bank", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     rc = cli.main(["demo", "--tiny", "llama", "--quick", "--n", "8", "--max-new-tokens", "2", "--no-progress",
-                   "--prompt", "Hi", "--out", str(tmp_path)])
+                   "--prompt", "Hi", "--shift", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert rc == 1
     assert "steering English prompts toward de FAILED: RuntimeError: boom" in text
@@ -50,4 +51,13 @@ def test_demo_quick_real_model(tmp_path, capsys):
     assert summary["model"].startswith("gemma-3-270m")
     assert sum(summary["neurons"]["lape"]["per_language"].values()) > 0
     gens = summary["steering"]["generations"]
-    assert gens and all(g["plain"] != g["heads_shift_de"] for g in gens)
+    assert gens and all(g["plain"] != g["neurons_en_to_de"] for g in gens)
+    # the neuron intervention moves the continuation of an English prompt into German
+    assert any(guess_language(g["neurons_en_to_de"]) == "de" for g in gens), gens
+    assert all(guess_language(g["plain"]) != "de" for g in gens), gens
+
+
+def test_guess_language():
+    assert guess_language("Das ist nicht das Wetter, aber es ist schön") == "de"
+    assert guess_language("The weather is a bit of a mess") == "en"
+    assert guess_language("12345") == "?"

@@ -6,6 +6,17 @@
 - `classify`: language-specific / language-related / general neurons with the lambda auto-sweep
   (Zhang et al. 2025, NJUNLP/Language-Neurons-Alignment identify.py + autosweep.py).
 Probabilities are laid out (L, I, K) as in both papers' code.
+
+Differences from the released code (docs/methods.md 3.2, 4.2):
+- float64 throughout (LAPE: float32); ties in the entropy/score ranking may order differently.
+- LAPE splits its assignment with bincount, which drops trailing languages that got no neuron; here every
+  language always gets its list of L tensors.
+- Zhang et al. score only response tokens (full minus prefix pass); here p counts every token of the texts.
+  Their calc_entropy clamps p~ at 1e-12 (a change below 1e-10); here 0 log 0 = 0.
+- autosweep.py keeps bisecting even when lambda = hi already works and then returns a smaller lambda; here
+  hi is returned. Its check `appear[10] == 0` is written for K = 10; here appear[K] == 0.
+- "general" neurons (p above the bar in all K languages, any neuron) are our reading of the paper's
+  language-agnostic neurons; the released code only reports the appear histogram.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ EXAMPLES = """\
   xlkernels demo --quick              # fewer texts and languages (CI smoke test, ~2 min with the model cached)
   xlkernels demo --tiny llama --quick # random tiny model: checks the plumbing in seconds
   xlkernels demo --target fr --prompt "My favourite food is" --out runs/demo
+  xlkernels demo --shift --alpha 2    # also try the per-head shift bank
 """
 
 PROMPTS = ["The weather today is", "My favourite food is"]
@@ -30,7 +31,9 @@ def add_arguments(p):
     p.add_argument("--n", type=int, default=None, help="texts per language (default 96; quick: 32)")
     p.add_argument("--target", default="de", help="language to steer the English prompts toward (default de)")
     p.add_argument("--prompt", action="append", default=[], help="English prompt(s) to steer (repeatable)")
-    p.add_argument("--alpha", type=float, default=None, help="shift-bank strength (default 6)")
+    p.add_argument("--shift", action="store_true", help="also steer with a per-head shift bank (CLAIM-style; "
+                   "on Gemma-3-270M it does not switch the language, the neuron intervention does)")
+    p.add_argument("--alpha", type=float, default=None, help="shift-bank strength for --shift (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per prompt (default 16)")
     p.add_argument("--out", default="xlk_demo", help="output directory (default ./xlk_demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -65,7 +68,7 @@ def _settings(args):
         raise ValueError(f"--target {args.target!r} must be one of the languages {langs}")
     if args.target == "en":
         raise ValueError("--target must not be en (the prompts are English)")
-    n = args.n or (32 if args.quick else 96)
+    n = args.n or (24 if args.quick else 64)
     if n < 8:
         raise ValueError("--n must be >= 8")
     return langs, n
@@ -128,41 +131,71 @@ def step_neurons(steerer, tok, corpus, out, progress, summary):
     return stats, lape, path
 
 
-def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, neurons, summary):
+STOPWORDS = {
+    "en": "the a an and is are was of to in it that this with for on not be i you my we they have".split(),
+    "de": "der die das und ist sind war nicht ein eine zu in mit für auf ich sie wir es den dem aber".split(),
+    "fr": "le la les et est sont était pas un une de du des en avec pour sur je vous nous il elle mais".split(),
+    "es": "el la los las y es son era no un una de del en con para por yo usted nosotros pero muy".split(),
+}
+
+
+def guess_language(text):
+    """Crude language guess from stopword hits (en/de/fr/es); '?' when no stopword is found."""
+    words = [w.strip(".,;:!?\"'()<>*").lower() for w in text.split()]
+    hits = {x: sum(w in set(sw) for w in words) for x, sw in STOPWORDS.items()}
+    best = max(hits, key=hits.get)
+    return best if hits[best] > 0 else "?"
+
+
+def neuron_steering(steerer, stats, lape, langs, src, tgt):
+    """LAPE-style language switch: src-specific neurons off, tgt-specific neurons set to their mean tgt
+    activation, in every layer."""
     from xlkernels import NeuronIntervention
-    from xlkernels.analysis import shift as sh
+    mean = stats.mean()
+    s, k = langs.index(src), langs.index(tgt)
+    I = steerer.num_neurons
+    for l in range(steerer.num_layers):
+        off, on = lape.neurons[s][l], lape.neurons[k][l]
+        iv = NeuronIntervention.zero(off, I).then(NeuronIntervention.set(on, mean[l, k, on].float(), I))
+        steerer.set_neuron_intervention(l, iv)
+    return sum(len(x) for x in lape.neurons[s]), sum(len(x) for x in lape.neurons[k])
+
+
+def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, neurons, summary, shift):
     model = steerer.model
     langs = list(corpus)
-    outs = {x: sh.head_outputs(steerer, tok, texts, batch_size=16, max_length=48, progress=progress)
-            for x, texts in corpus.items()}
-    bank = sh.shift_bank(outs, pivot="en")
+    if neurons is None and not shift:
+        raise RuntimeError("no language neurons (step 2 failed) and --shift not given: nothing to steer with")
+    bank = None
+    if shift:
+        from xlkernels.analysis import shift as sh
+        outs = {x: sh.head_outputs(steerer, tok, texts, batch_size=16, max_length=48, progress=progress)
+                for x, texts in corpus.items()}
+        bank = sh.shift_bank(outs, pivot="en")
     rows = []
     for pr in prompts:
         steerer.reset()
-        base = generate(model, tok, pr, max_new)
-        bank.apply(steerer, [target], alpha=alpha)
-        shifted = generate(model, tok, pr, max_new)
-        row = {"prompt": pr, "plain": base, f"heads_shift_{target}": shifted}
+        row = {"prompt": pr, "plain": generate(model, tok, pr, max_new)}
         if neurons is not None:
-            stats, lape = neurons
-            steerer.reset()
-            mean = stats.mean()
-            k = langs.index(target)
-            I = steerer.num_neurons
-            for l in range(steerer.num_layers):
-                src, tgt = lape.neurons[0][l], lape.neurons[k][l]
-                iv = NeuronIntervention.zero(src, I).then(
-                    NeuronIntervention.set(tgt, mean[l, k, tgt].float(), I))
-                steerer.set_neuron_intervention(l, iv)
+            n_off, n_on = neuron_steering(steerer, *neurons, langs, "en", target)
             row[f"neurons_en_to_{target}"] = generate(model, tok, pr, max_new)
-        steerer.reset()
+            steerer.reset()
+        if bank is not None:
+            bank.apply(steerer, [target], alpha=alpha)
+            row[f"heads_shift_{target}"] = generate(model, tok, pr, max_new)
+            steerer.reset()
         rows.append(row)
         print(f"prompt: {pr!r}")
         for key, text in row.items():
             if key != "prompt":
-                print(f"  {key:<22} {text!r}")
-    print(f"(heads_shift: per-head shift bank, pivot en, alpha {alpha}, {int(bank.heads[langs.index(target)].sum())} "
-          f"heads; neurons: English-specific LAPE neurons off, {target}-specific ones set to their {target} mean)")
+                print(f"  {key:<18} [{guess_language(text)}] {text!r}")
+    if neurons is not None:
+        print(f"neurons_en_to_{target}: the {n_off} English-specific LAPE neurons switched off and the {n_on} "
+              f"{target}-specific ones set to their mean {target} activation, in every layer")
+    if bank is not None:
+        print(f"heads_shift_{target}: per-head shift bank (pivot en) on "
+              f"{int(bank.heads[langs.index(target)].sum())} heads, alpha {alpha}")
+    print("[xx] = language guessed from stopwords")
     summary["steering"] = {"target": target, "alpha": alpha, "generations": rows}
     return rows
 
@@ -173,7 +206,7 @@ def run(args) -> int:
     langs, n = _settings(args)
     progress = not args.no_progress
     prompts = args.prompt or PROMPTS
-    alpha = 6.0 if args.alpha is None else args.alpha
+    alpha = 4.0 if args.alpha is None else args.alpha
     max_new = args.max_new_tokens or (12 if args.quick else 16)
     os.makedirs(args.out, exist_ok=True)
     rep = Report()
@@ -195,7 +228,7 @@ def run(args) -> int:
     neurons = rep.step("2. language neurons (LAPE, specific / related / general)", step_neurons, steerer, tok,
                        corpus, args.out, progress, summary)
     rep.step(f"3. steering English prompts toward {args.target}", step_steer, steerer, tok, corpus, prompts,
-             args.target, alpha, max_new, progress, neurons[:2] if neurons else None, summary)
+             args.target, alpha, max_new, progress, neurons[:2] if neurons else None, summary, args.shift)
     steerer.reset()
     total = time.perf_counter() - rep.t0
     summary["seconds"] = round(total, 1)
