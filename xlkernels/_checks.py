@@ -33,7 +33,7 @@ def ids_in_range(ids: torch.Tensor, name: str, num: int, *, allow_neg1: bool = T
     """Check integer ids lie in [0, num) (or are -1 when allowed). Syncs once on CUDA."""
     if ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(ids))
     low_ok = -1 if allow_neg1 else 0
     if lo < low_ok or hi >= num:
         bad = lo if lo < low_ok else hi
