@@ -44,7 +44,8 @@ def make(B, H, Hkv, T, S, D, dtype, device="cpu", gate="bh", shift="hd", kpm=Non
         if kpm == "full":  # batch row 0 fully padded
             mask[0] = False
         mask = mask.to(device)
-    leaves = [x for x, want in zip((q, k, v), qkv_grad) if want] + ([gt] if gt is not None and gate_grad else []) + ([sh] if sh is not None else [])
+    leaves = [x for x, want in zip((q, k, v), qkv_grad) if want]
+    leaves += ([gt] if gt is not None and gate_grad else []) + ([sh] if sh is not None else [])
     for x in leaves:
         x.requires_grad_(True)
     return q, k, v, gt, sh, mask, leaves

@@ -12,7 +12,6 @@ Under TRITON_INTERPRET=1, bf16 loads are upcast to fp32 (the interpreter's bf16 
 autotuning uses a single config.
 """
 import functools
-import math
 
 import torch
 import triton
