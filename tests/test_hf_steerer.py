@@ -377,3 +377,21 @@ def test_capture_positions_checked():
         with pytest.raises(ValueError, match="positions"):
             with torch.no_grad(), xlkernels.backend("reference"), st.capture_heads(bad):
                 model(input_ids=ids, attention_mask=mask)
+
+
+def test_gate_grad_after_a_no_grad_forward():
+    """A no-grad forward first (cached per-layer views) must not cut the gradient path of a later gate."""
+    model = tiny("llama")
+    st = xlkernels.patch(model)
+    ids, mask = batch()
+    with xlkernels.backend("reference"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        st.gate = torch.ones(2, 4, requires_grad=True)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        g1 = st.gate.grad.clone()
+        st.gate.grad = None
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert g1.abs().sum() > 0 and torch.equal(st.gate.grad, g1)

@@ -79,6 +79,7 @@ class Steerer:
         self._bank, self._alpha, self._lang = None, 1.0, None
         self._ivs = [None] * L
         self._iv_cache = {}
+        self._views = None
 
     @property
     def gate(self) -> torch.Tensor:
@@ -239,19 +240,35 @@ class Steerer:
             self._active = True
 
     # ---- called from the patched modules --------------------------------------------------------------
+    def _layer_views(self, dev):
+        """Per-layer (gate, shift) on `dev`, cached while the gate/shift tensors are the same objects and need
+        no grad (views: in-place edits show through)."""
+        c = self._views
+        if c is not None and c[0] is self._gate and c[1] is self._shift and c[2] == dev:
+            return c[3]
+        g, s = self._gate.to(dev), self._shift.to(dev)
+        per = [(g[l] if g.dim() == 2 else g[:, l], s[l] if s.dim() == 3 else s[:, l])
+               for l in range(self.num_layers)]
+        if self._gate.device == dev and self._shift.device == dev and not (
+                self._gate.requires_grad or self._shift.requires_grad):  # views made under no_grad would not track
+            self._views = (self._gate, self._shift, dev, per)
+        return per
+
     def _attn_args(self, layer, q):
         if not self._active:
             return None, None, None
         dev = q.device
-        g = self._gate
-        g = g[layer] if g.dim() == 2 else g[:, layer]
-        s = self._shift
-        s = s[layer] if s.dim() == 3 else s[:, layer]
+        if torch.compiler.is_compiling():
+            g = self._gate[layer] if self._gate.dim() == 2 else self._gate[:, layer]
+            s = self._shift[layer] if self._shift.dim() == 3 else self._shift[:, layer]
+            g, s = g.to(dev), s.to(dev)
+        else:
+            g, s = self._layer_views(dev)[layer]
         if self._bank is not None and self._lang is not None:
             lang = self._lang if self._lang.device == self._bank.device else self._lang.to(self._bank.device)
-            s = s.to(self._bank.device) + self._alpha * self._bank[lang, layer]
+            s = (s.to(self._bank.device) + self._alpha * self._bank[lang, layer]).to(dev)
         cap = self._capture
-        return g.to(dev), s.to(dev), (cap._store if cap is not None else None)
+        return g, s, (cap._store if cap is not None else None)
 
     def _mlp_args(self, layer, g):
         dev = g.device
