@@ -3,6 +3,15 @@
 patch() registers the steered attention kernel as HF attention implementation "xlkernels" (attention and mask
 interfaces), switches the model to it, and routes every gated MLP through xlkernels.glu. Supported
 architectures are listed as data in xlkernels.hf.archs.ARCHS.
+
+    steerer = xlkernels.patch(model)           # logits unchanged (gates 1, shifts 0)
+    steerer.mask_heads([(3, 1)])                 # gate 0 on layer 3, head 1 (HF's old head_mask semantics)
+    steerer.shift[5] += v                        # add v (H, D) to layer 5's head outputs
+    with steerer.record_neurons(group_ids, G) as stats:   # group_ids (B, T), -1 = padding
+        model(**batch)
+    with steerer.disabled():                     # plain HF path
+        model(**batch)
+    xlkernels.unpatch(model)
 """
 from . import attention, mlp
 from .archs import ARCHS, activation_name, resolve
