@@ -12,6 +12,8 @@ from xlkernels.triton import attention as tri
 
 HAS_GPU = torch.cuda.is_available()
 TOL = 2.0
+# triton tests run on CPU tensors under the interpreter here, and on CUDA (compiled) where there is a GPU
+TDEV = "cpu" if tri.INTERP else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +68,8 @@ def errs(got, ref):
     return (got.double() - ref).abs().max().item()
 
 
-def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device="cpu", **kw):
+def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device=None, **kw):
+    device = device or (TDEV if be == "triton" else "cpu")
     spec = {n: kw.pop(n) for n in ("gate", "shift", "kpm", "zero_heads", "gate_grad", "qkv_grad") if n in kw}
     q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, dtype, device=device, **spec)
     if not grads:
@@ -145,9 +148,10 @@ def test_cpu_backend_matches_reference(case):
 
 def test_fully_masked_rows_give_shift_without_nan():
     # T > S causal: the first T - S rows see no key; batch row 0 is fully padded.
-    q, k, v, gt, sh, mask, leaves = make(2, 2, 1, 20, 9, 64, torch.float32, kpm="full")
-    do = torch.randn(2, 2, 20, 64)
     for be in ("triton", "cpu", "reference"):
+        dev = TDEV if be == "triton" else "cpu"
+        q, k, v, gt, sh, mask, leaves = make(2, 2, 1, 20, 9, 64, torch.float32, kpm="full", device=dev)
+        do = torch.randn(2, 2, 20, 64, device=dev)
         out, grads = run(be, q, k, v, gt, sh, mask, leaves, do)
         assert all(torch.isfinite(x).all() for x in (out, *grads)), be
         torch.testing.assert_close(out[0], sh[:, None].expand(2, 20, 64).detach(), rtol=0, atol=1e-6)
@@ -159,10 +163,11 @@ def test_head_skip_exact_and_not_computed(T):
     # gate == 0 without grad: those heads output exactly shift, and their key loop never runs (NaN in their
     # queries would otherwise show up); no NaN leaks into dk/dv through the skipped heads.
     B, H, Hkv, S, D = 2, 4, 2, 50, 64
-    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float16, zero_heads=(0, 3), gate_grad=False)
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float16, zero_heads=(0, 3), gate_grad=False,
+                                         device=TDEV)
     with torch.no_grad():
         q[:, [0, 3]] = float("nan")
-    do = torch.randn(B, H, T, D).half()
+    do = torch.randn(B, H, T, D, device=TDEV).half()
     out, (dq, dk, dv, dsh) = run("triton", q, k, v, gt, sh, mask, leaves, do)
     assert torch.equal(out[:, [0, 3]], sh[[0, 3]][None, :, None, :].expand(B, 2, T, D).half())
     assert torch.isfinite(out[:, [1, 2]]).all()
@@ -190,12 +195,12 @@ def test_zero_gate_with_grad_gives_gate_grad():
 
 def test_output_layout_and_strided_inputs():
     B, H, Hkv, T, S, D = 2, 4, 2, 33, 40, 64
-    qb = torch.randn(B, T, H, D)  # (B,T,H,D) memory, as HF has it
-    kb = torch.randn(B, S, 2 * Hkv, D)[:, :, ::2]  # every other head: arbitrary strides
-    vb = torch.randn(B, S, Hkv, D)
+    qb = torch.randn(B, T, H, D, device=TDEV)  # (B,T,H,D) memory, as HF has it
+    kb = torch.randn(B, S, 2 * Hkv, D, device=TDEV)[:, :, ::2]  # every other head: arbitrary strides
+    vb = torch.randn(B, S, Hkv, D, device=TDEV)
     q, k, v = qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)
     with backend("triton"):
-        out = xlkernels.steered_attention(q, k, v, shift=torch.randn(H, D))
+        out = xlkernels.steered_attention(q, k, v, shift=torch.randn(H, D, device=TDEV))
     assert out.transpose(1, 2).is_contiguous()
     ref = xlkernels.reference.attention.attention_raw(q.double(), k.double(), v.double())
     with backend("triton"):
@@ -203,7 +208,7 @@ def test_output_layout_and_strided_inputs():
     assert (raw.double() - ref).abs().max() < 1e-5
     # backward through the (B,T,H,D) layout HF uses: the incoming grad is a transposed view
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    w = torch.randn(B, T, H, D)
+    w = torch.randn(B, T, H, D, device=TDEV)
     with backend("triton"):
         g = torch.autograd.grad((xlkernels.steered_attention(*leaves).transpose(1, 2) * w).sum(), leaves)
     l64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -244,8 +249,10 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_opcheck():
-    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 11, 16), torch.randn(1, 1, 11, 16)
-    g, sh, m = torch.rand(1, 2) + 0.5, torch.randn(1, 2, 16), torch.rand(1, 11) > 0.2
+    q, k, v = (torch.randn(1, 2, 9, 16, device=TDEV), torch.randn(1, 1, 11, 16, device=TDEV),
+               torch.randn(1, 1, 11, 16, device=TDEV))
+    g, sh = torch.rand(1, 2, device=TDEV) + 0.5, torch.randn(1, 2, 16, device=TDEV)
+    m = torch.rand(1, 11, device=TDEV) > 0.2
     for x in (q, k, v, g, sh):
         x.requires_grad_(True)
     op = torch.ops.xlkernels.steered_attention_fwd
@@ -265,7 +272,8 @@ def test_opcheck():
 def test_torch_compile_fullgraph(be):
     torch._dynamo.reset()
     B, H, Hkv, T, S, D = 1, 4, 2, 9, 12, 16
-    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float32, kpm="some")
+    q, k, v, gt, sh, mask, leaves = make(B, H, Hkv, T, S, D, torch.float32, kpm="some",
+                                         device=TDEV if be == "triton" else "cpu")
 
     def f(q, k, v, gate, shift, mask):
         return xlkernels.steered_attention(q, k, v, gate=gate, shift=shift, key_padding_mask=mask,
