@@ -331,6 +331,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton
 from triton.backends.compiler import GPUTarget
 from xlkernels.triton import attention as A
+from xlkernels.triton import attention_bwd as AB
+from xlkernels.triton import attention_decode as AD
 
 FLOATS = ("scale_log2", "sc_scale", "sc_log2", "scale")
 
@@ -354,12 +356,12 @@ f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Acc="f
 io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
 p = {**io, **f32}
 build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, BLOCK_M=64, BLOCK_N=64))
-build(A._bwd_dkdv_kernel, p, dict(c, BLOCK_M=16, BLOCK_N=64))
-build(A._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
-build(A._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
-build(A._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, PACK=4,
+build(AB._bwd_dkdv_kernel, p, dict(c, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
+build(AD._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
+build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, PACK=4,
                                  BLOCK_M=16, BLOCK_D=128))
-build(A._bwd_pre_kernel, p, dict(HEAD_D=80, NEED_DGATE=True, NEED_DSHIFT=True, BLOCK_M=64, BLOCK_D=128))
+build(AB._bwd_pre_kernel, p, dict(HEAD_D=80, NEED_DGATE=True, NEED_DSHIFT=True, BLOCK_M=64, BLOCK_D=128))
 print("compiled")
 '''
 

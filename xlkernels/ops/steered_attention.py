@@ -196,7 +196,7 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, o_raw: Tensor
     """-> dq (empty unless need_dq), dk, dv (empty unless need_dkdv), dgate (B,H) float32 (empty unless
     need_dgate), dshift (B,H,D) float32 (empty unless need_dshift). With only gate/shift grads wanted (e.g.
     head importance on a frozen first layer) just the rowsum(dO*O_raw) pass runs."""
-    from ..triton import attention as kern
+    from ..triton import attention_bwd as kern
     return kern.backward(do, q, k, v, out, o_raw, lse, gate, shift, key_padding_mask, causal, scale, window,
                          softcap, need_dq, need_dkdv, need_dgate, need_dshift)
 
