@@ -174,12 +174,15 @@ def test_gradient_mode_batched_equals_per_sample(tiny):
             st.gate = g1
             i1, m1 = heads.pad_right([s], 0)
             (g,) = torch.autograd.grad(heads.sample_nll(model, i1, m1)[0], g1)
-            torch.testing.assert_close(gb[i], g, rtol=1e-5, atol=1e-8)
-            assert torch.equal(gb[i] < 0, g < 0)
+            # padded batch vs batch of one run different attention paths: fp32 rounding, relative to |g|max
+            tol = 1e-5 * float(g.abs().max())
+            torch.testing.assert_close(gb[i], g, rtol=1e-5, atol=tol)
+            clear = g.abs() > 10 * tol
+            assert torch.equal((gb[i] < 0)[clear], (g < 0)[clear])
         st.reset()
         a = heads.lahis_scores(st, tok, TEXTS, batch_size=len(TEXTS), max_length=64)
         b = heads.lahis_scores(st, tok, TEXTS, batch_size=1, max_length=64)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
         assert torch.equal(st.gate, torch.ones(L, H)) and not model.training
         assert all(p.requires_grad for p in model.parameters())
     finally:
@@ -213,3 +216,18 @@ def test_lahis_bad_args(tiny):
             heads.lahis_scores(st, tok, ["", ""])
     finally:
         xlkernels.unpatch(model)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_lahis_other_archs_match_hooks(arch):
+    """Sliding windows, GQA, q/k norms and Gemma's scaled embeddings: same scores as the hook path."""
+    import xlkernels
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model(arch, seed=1)
+    ref = heads.lahis_scores_hooked(model, tok, TEXTS[:5], max_length=48)
+    st = xlkernels.patch(model)
+    try:
+        got = heads.lahis_scores(st, tok, TEXTS[:5], batch_size=5, max_length=48)
+    finally:
+        xlkernels.unpatch(model)
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=1e-7)
