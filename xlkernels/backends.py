@@ -99,7 +99,19 @@ def _default(op: str, device: torch.device) -> str:
 
 
 def select(op: str, device: "torch.device | str") -> str:
-    """The backend that runs `op` for tensors on `device`."""
+    """The backend that runs `op` for tensors on `device`. Under torch.compile the choice is made once, at trace
+    time (a ContextVar cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return _select_at_trace(op, str(device))
+    return _select(op, device)
+
+
+@torch.compiler.assume_constant_result
+def _select_at_trace(op: str, device: str) -> str:
+    return _select(op, device)
+
+
+def _select(op: str, device: "torch.device | str") -> str:
     device = torch.device(device)
     forced = _forced.get()
     if isinstance(forced, dict):

@@ -87,12 +87,6 @@ for _fwd, _fwd_stats, _bwd in {v for v in _OPS.values()}:
     torch.library.register_autograd(f"xlkernels::{_fwd}", _make_backward(_bwd), setup_context=_setup)
 
 
-@torch.compiler.assume_constant_result
-def _select(device: str) -> str:
-    """backends.select, evaluated once at trace time under torch.compile (ContextVar.get is not traceable)."""
-    return backends.select("glu", device)
-
-
 class _GluStats(torch.autograd.Function):
     """Differentiable wrapper of a stats-accumulating forward op (mutating ops get no register_autograd)."""
 
@@ -172,7 +166,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *, stats
             ids = None  # neither stats nor a per-group intervention: the kernel does not need them
     shape = gate.shape
     g2, u2 = gate.reshape(-1, n_neurons).contiguous(), up.reshape(-1, n_neurons).contiguous()
-    backend = _select(str(gate.device))
+    backend = backends.select("glu", gate.device)
     if backend == "reference":
         return _reference(g2, u2, activation, ids, mul, add, stats).reshape(shape)
     names = _OPS[backend]

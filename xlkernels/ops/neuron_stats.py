@@ -81,12 +81,6 @@ def accumulate(backend: str, act2, ids, stats: NeuronStats) -> None:
         ref.accumulate(*args)
 
 
-@torch.compiler.assume_constant_result
-def _select(device: str) -> str:
-    """backends.select, evaluated once at trace time under torch.compile (ContextVar.get is not traceable)."""
-    return backends.select("neuron_stats", device)
-
-
 def neuron_stats(act: torch.Tensor, group_ids: torch.Tensor, num_groups: int, stats=None) -> NeuronStats:
     """Per-group statistics of FFN activations in one pass (see NeuronStats for fields, precision, NaN policy).
 
@@ -106,5 +100,5 @@ def neuron_stats(act: torch.Tensor, group_ids: torch.Tensor, num_groups: int, st
     else:
         check_stats(stats, num_groups, n_neurons, act.device)
     act2 = act.reshape(-1, n_neurons).contiguous()
-    accumulate(_select(str(act.device)), act2, ids, stats)
+    accumulate(backends.select("neuron_stats", act.device), act2, ids, stats)
     return stats

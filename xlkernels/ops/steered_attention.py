@@ -25,11 +25,6 @@ backends.register_op(OP, ("cuda", "triton", "cpu", "reference"))
 MAX_HEAD_DIM = 256
 
 
-@torch.compiler.assume_constant_result
-def _select(device: torch.device) -> str:
-    # dynamo cannot trace backends.select (ContextVar); under torch.compile the choice is fixed at trace time
-    return backends.select(OP, device)
-
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference/cpu backends only
 
 
@@ -96,7 +91,7 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
         scale = D ** -0.5
     scale = float(scale)
     softcap = None if softcap is None else float(softcap)
-    which = _select(q.device)
+    which = backends.select(OP, q.device)
     if which == "reference":
         return ref.steered_attention(q, k, v, gate=gate, shift=shift, causal=causal, scale=scale,
                                      key_padding_mask=key_padding_mask, sliding_window=sliding_window,
