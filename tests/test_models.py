@@ -77,8 +77,7 @@ def test_tiny_tokenizer_round_trip():
 
 def test_load_model_local_dir_round_trip(tmp_path):
     model, tok = tiny_model("qwen2", seed=4)
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    models.save_model(model, tok, tmp_path / "m")
     m2, t2 = load_model(tmp_path / "m")
     assert not m2.training
     b = tok(TEXTS, return_tensors="pt", padding=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .local import prepare_tokenizer
+from .local import _plain_copy, prepare_tokenizer
 
 DEFAULT_NAME = "gemma-3-270m-q4_k_m"
 _MARKER = "xlkernels-cache.json"
@@ -77,21 +77,6 @@ def _quiet(progress: bool):
 def _say(msg, progress):
     if progress:
         print(f"xlkernels: {msg}", file=sys.stderr, flush=True)
-
-
-def _plain_copy(model):
-    """A non-GGUF copy of `model` sharing its tensors (save_pretrained refuses GGUF-loaded models)."""
-    from transformers import AutoModelForCausalLM
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(model.state_dict(), assign=True)
-    plain.tie_weights()
-    plain.generation_config = model.generation_config
-    return plain
 
 
 def convert_default(target: Path = None, progress: bool = True) -> Path:

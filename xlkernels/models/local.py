@@ -52,8 +52,8 @@ def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokeniz
     kw = {"local_files_only": True}
     if gguf:
         kw["gguf_file"] = gguf
-        print(f"xlkernels: dequantizing {directory / gguf} (slow; save it with save_pretrained to reload fast)",
-              file=sys.stderr)
+        print(f"xlkernels: dequantizing {directory / gguf} (slow; xlkernels.models.save_model(model, tok, DIR) "
+              "writes safetensors that reload fast)", file=sys.stderr)
     tok = None
     if tokenizer:
         try:
@@ -70,3 +70,28 @@ def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokeniz
         model.to(device)
     model.eval()
     return model, tok
+
+
+def _plain_copy(model):
+    """A non-GGUF copy of `model` sharing its tensors (save_pretrained refuses GGUF-loaded models)."""
+    from transformers import AutoModelForCausalLM
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = model.dtype
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def save_model(model, tok, directory):
+    """Save model (also one loaded from a .gguf) + tokenizer as safetensors that load_model reads fast."""
+    directory = Path(os.path.expanduser(os.fspath(directory)))
+    plain = _plain_copy(model) if getattr(model.config, "quantization_config", None) is not None else model
+    plain.save_pretrained(directory)
+    if tok is not None:
+        tok.save_pretrained(directory)
+    return directory
