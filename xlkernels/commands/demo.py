@@ -88,9 +88,10 @@ def step_heads(steerer, tok, corpus, out, progress, summary, n_texts):
     from xlkernels.analysis import heads as hd
     from xlkernels.analysis.plots import head_heatmaps
     H = steerer.num_heads
-    scores = {x: hd.lahis_scores(steerer, tok, texts[:n_texts], batch_size=8, max_length=48, progress=progress)
+    scores = {x: hd.lahis_scores(steerer, tok, texts[:n_texts], batch_size=n_texts, max_length=32,
+                                 progress=progress)
               for x, texts in corpus.items()}
-    print(f"{n_texts} texts per language (one forward + backward per batch through the whole model)")
+    print(f"{n_texts} texts per language, one batch each (forward + backward through the whole model)")
     sets = hd.head_sets(scores)
     fmt = lambda ids: " ".join(f"{l}.{h}" for l, h in (hd.unflat(i, H) for i in ids)) or "-"  # noqa: E731
     print(f"LAHIS scores (layers x heads = {steerer.num_layers} x {H}); heads above the 96% quantile:")
@@ -226,7 +227,7 @@ def run(args) -> int:
     summary["model"] = name
     # LAHIS backpropagates through the 262k-token LM head: the costliest step, so it gets fewer texts
     rep.step("1. language attention heads (LAHIS)", step_heads, steerer, tok, corpus, args.out, progress, summary,
-             min(n, 16 if args.quick else 32))
+             min(n, 8 if args.quick else 12))
     neurons = rep.step("2. language neurons (LAPE, specific / related / general)", step_neurons, steerer, tok,
                        corpus, args.out, progress, summary)
     rep.step(f"3. steering English prompts toward {args.target}", step_steer, steerer, tok, corpus, prompts,
