@@ -218,7 +218,7 @@ def test_lahis_bad_args(tiny):
         xlkernels.unpatch(model)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen2"])
 def test_lahis_other_archs_match_hooks(arch):
     """Sliding windows, GQA, q/k norms and Gemma's scaled embeddings: same scores as the hook path."""
     import xlkernels
@@ -231,3 +231,55 @@ def test_lahis_other_archs_match_hooks(arch):
     finally:
         xlkernels.unpatch(model)
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=1e-7)
+
+
+def _full_logits_nll(model, ids, mask, labels=None):
+    """The plain loss: full (B,T,V) logits from the causal LM, then cross entropy."""
+    import torch.nn.functional as F
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = (ids if labels is None else labels)[:, 1:]
+    valid = (mask[:, 1:].bool() & mask[:, :-1].bool()) if labels is None else target != -100
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
+    return nll * valid, valid
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("chunk", [5, None])
+def test_chunked_nll_equals_full_logits_loss_and_grad(arch, chunk):
+    """Chunked lm_head + checkpointing (gemma2: final logit softcapping) = the full-logits loss and its
+    gradient in the gate; labels with -100 too."""
+    import xlkernels
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model(arch, seed=2)
+    if arch == "gemma2":
+        assert model.config.final_logit_softcapping
+    ids, mask = heads.pad_right(heads.encode(tok, TEXTS, 40), 0)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3, -100)
+    st = xlkernels.patch(model)
+    try:
+        with heads.frozen(model):
+            for lab in (None, labels):
+                res = []
+                for fn in (_full_logits_nll, lambda *a: heads.token_nll(*a, chunk_tokens=chunk)):
+                    gate = (1 + 0.1 * torch.randn(len(ids), st.num_layers, st.num_heads,
+                                                  generator=torch.Generator().manual_seed(1))).requires_grad_()
+                    st.gate = gate
+                    nll, valid = fn(model, ids, mask, lab)
+                    (g,) = torch.autograd.grad((nll.sum(1) / valid.sum(1).clamp_min(1)).sum(), gate)
+                    res.append((nll.detach(), valid, g))
+                (n0, v0, g0), (n1, v1, g1) = res
+                assert torch.equal(v0, v1) and torch.isfinite(n1).all() and g1.abs().sum() > 0
+                torch.testing.assert_close(n1, n0, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5 * float(g0.abs().max()))
+                with torch.no_grad():
+                    n2, _ = heads.token_nll(model, ids, mask, lab, chunk_tokens=chunk)
+                torch.testing.assert_close(n2, n1, rtol=1e-6, atol=1e-7)
+    finally:
+        xlkernels.unpatch(model)
+
+
+def test_chunk_tokens_for():
+    assert heads.chunk_tokens_for(262144) == 64
+    assert heads.chunk_tokens_for(32000) == 524
+    assert heads.chunk_tokens_for(260) == 1024
+    assert heads.chunk_tokens_for(10 ** 9) == 16

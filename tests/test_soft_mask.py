@@ -65,9 +65,10 @@ def test_answer_loss_ignores_prompt(tiny):
                 tot += -lp[b, t, labels[b, t + 1]]
                 n += 1
     torch.testing.assert_close(got.double(), tot / n, rtol=1e-5, atol=1e-6)
-    # gradient reaching the logits is zero at every position that predicts a prompt (or pad) token
+    # gradient reaching the last hidden states (final norm output) is zero at every position that predicts a
+    # prompt (or pad) token (the chunked loss runs lm_head on answer positions only)
     grads = []
-    h = model.lm_head.register_forward_hook(lambda m, i, o: [o.register_hook(grads.append), None][1])
+    h = model.model.norm.register_forward_hook(lambda m, i, o: [o.register_hook(grads.append), None][1])
     try:
         sm.answer_loss(model, ids, mask, labels).backward()
     finally:

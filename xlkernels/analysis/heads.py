@@ -27,6 +27,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 MODES = ("gradient", "paper")
 
@@ -69,19 +70,62 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def token_nll(model, input_ids, attention_mask, labels=None):
+def _head_parts(model):
+    """(base model, lm_head, final logit softcap) of an HF causal LM, or None when it has no such split."""
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None or not callable(base):
+        return None
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return base, head, getattr(cfg, "final_logit_softcapping", None) or None
+
+
+def _chunk_nll(head, softcap, h, target):
+    """NLL (n,) float32 of hidden rows h (n,E) against target (n,): lm_head, softcap, log-softmax."""
+    logits = head(h)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per lm_head chunk: about 2**24 logits (64 MB fp32), between 16 and 1024 tokens."""
+    return max(16, min(1024, (1 << 24) // max(1, int(vocab_size))))
+
+
+def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int | None = None):
     """Next-token NLL (B, T-1) in float32 and the bool mask of positions that count.
 
     Without labels a position t counts when tokens t and t+1 are both real; with labels (-100 = ignore)
-    when labels[t+1] != -100."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    when labels[t+1] != -100. The full (B,T,V) logits are never built: the base model gives the last
+    hidden states, and lm_head (+ final logit softcapping) + log-softmax run on the counted positions in
+    chunks of `chunk_tokens` (default: chunk_tokens_for(V)), each under activation checkpointing when
+    grad is needed, so the backward recomputes one chunk's logits at a time."""
     target = (input_ids if labels is None else labels)[:, 1:]
     if labels is None:
         valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     else:
         valid = target != -100
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
-    return nll * valid, valid
+    parts = _head_parts(model)
+    if parts is None:  # no base/head split: full logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
+        return nll * valid, valid
+    base, head, softcap = parts
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    h, tgt = hidden[valid], target[valid]
+    n = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    ckpt = torch.is_grad_enabled() and h.requires_grad
+    pieces = []
+    for i in range(0, h.shape[0], n):
+        if ckpt:
+            pieces.append(checkpoint(_chunk_nll, head, softcap, h[i:i + n], tgt[i:i + n], use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(head, softcap, h[i:i + n], tgt[i:i + n]))
+    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    nll = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device).masked_scatter(valid, flat)
+    return nll, valid
 
 
 def sample_nll(model, input_ids, attention_mask) -> torch.Tensor:
