@@ -8,8 +8,8 @@ lib = glob.glob(f"{sys.argv[1]}/_C*.so")
 if not lib:
     sys.exit(f"no _C*.so under {sys.argv[1]}")
 torch.ops.load_library(lib[0])
-names = [n for n in dir(torch.ops.xlkernels) if not n.startswith("__")]
-print("cmake build registers:", ", ".join(sorted(names)))
+names = sorted({s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("xlkernels::")})
+print("cmake build registers:", ", ".join(names))
 assert torch.ops.xlkernels._with_cuda() is False or torch.cuda.is_available()
 if hasattr(torch.ops.xlkernels, "neuron_stats_accum"):
     act = torch.randn(7, 13)
