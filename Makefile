@@ -15,9 +15,9 @@ $(STAMP): $(SOURCES) requirements.txt scripts/setup_env.sh
 
 build: $(STAMP)
 
-# Tests run the triton kernels in the interpreter unless a GPU is present.
+# Tests run the triton kernels in the interpreter unless a GPU is present; two workers when pytest-xdist is there.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $$($(PY) -c 'import xdist' 2>/dev/null && echo --numprocesses=2 --dist=loadfile) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/xlkernels demo
