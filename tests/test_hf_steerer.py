@@ -378,3 +378,72 @@ def test_gate_grad_after_a_no_grad_forward():
         st.gate.grad = None
         model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     assert g1.abs().sum() > 0 and torch.equal(st.gate.grad, g1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_capture_heads_all_mean_matches_hooks(arch):
+    """positions="all": per layer the mean over the selected tokens of the raw (pre gate/shift) head outputs,
+    with earlier layers steered; bool and int masks, and mask None = every token."""
+    model = tiny(arch)
+    _, layers, H, D = parts(model)
+    gate, shift = steer_values(len(layers), H, D)
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(3)
+    sel = mask.bool() & (torch.rand(mask.shape, generator=g) < 0.6)
+    sel[:, -1] = True
+    raw = {}
+
+    def grab(l):
+        def pre(mod, args):
+            x = args[0]
+            raw[l] = x.view(*x.shape[:2], H, D).double().clone()
+        return pre
+
+    hs = [layer.self_attn.o_proj.register_forward_pre_hook(grab(l)) for l, layer in enumerate(layers)]
+    with torch.no_grad(), hooks(model, gate, shift):  # registered after: sees the pre-gate input
+        model(input_ids=ids, attention_mask=mask)
+    for h in hs:
+        h.remove()
+    x = torch.stack([raw[l] for l in range(len(layers))])          # (L,B,T,H,D)
+    w = sel.double()[None, :, :, None, None]
+    ref = (x * w).sum(2) / w.sum(2)
+    st = xlkernels.patch(model)
+    st.gate, st.shift = gate, shift
+    for m in (sel, sel.int()):
+        with torch.no_grad(), xlkernels.backend("reference"), st.capture_heads("all", m) as cap:
+            model(input_ids=ids, attention_mask=mask)
+        out = cap.outputs
+        assert out.shape == (len(layers), 3, H, D) and out.dtype == torch.float32
+        assert rel(out, ref) < 1e-5
+    with torch.no_grad(), xlkernels.backend("reference"), st.capture_heads("all") as every:
+        model(input_ids=ids, attention_mask=mask)
+    assert rel(every.outputs, x.mean(2)) < 1e-5
+    with pytest.raises(ValueError, match="mask"):
+        with torch.no_grad(), xlkernels.backend("reference"), st.capture_heads("all", sel[:, 1:]):
+            model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="positions"):
+        st.capture_heads("first").__enter__()
+    with pytest.raises(ValueError, match="mask"):
+        st.capture_heads(None, sel).__enter__()
+    with pytest.raises(TypeError, match="mask"):
+        st.capture_heads("all", sel.float()).__enter__()
+
+
+def test_unsteered_restores_state():
+    model = tiny("llama")
+    _, layers, H, D = parts(model)
+    st = xlkernels.patch(model)
+    gate, shift = steer_values(len(layers), H, D)
+    st.gate, st.shift = gate, shift
+    st.deactivate_neurons({0: torch.tensor([1, 2])})
+    ids, mask = batch()
+    with torch.no_grad(), xlkernels.backend("reference"):
+        steered = model(input_ids=ids, attention_mask=mask).logits
+        with st.unsteered(), st.capture_heads("all", mask) as cap:
+            plain = model(input_ids=ids, attention_mask=mask).logits
+        again = model(input_ids=ids, attention_mask=mask).logits
+        with st.disabled():
+            hf = model(input_ids=ids, attention_mask=mask).logits
+    assert rel(plain, hf, mask) < 1e-5 and rel(steered, hf, mask) > 1e-3
+    assert torch.equal(again, steered) and st.gate is gate and st.shift is shift
+    assert cap.outputs.shape == (len(layers), 3, H, D)

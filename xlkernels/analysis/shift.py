@@ -23,40 +23,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .heads import _progress, decoder_layers, encode, pad_id_of, pad_right
+from .heads import _progress, encode, pad_id_of, pad_right
 
 POSITIONS = ("last", "mean")
 PROBES = ("logistic", "centroid")
 
 
 # ---------------------------------------------------------------------------------------------- capture
-@contextlib.contextmanager
-def _o_proj_inputs(model, num_heads):
-    """Collect every layer's o_proj input viewed (B,T,H,D) (hook path for position="mean")."""
-    got = {}
-    handles = []
-    for l, layer in enumerate(decoder_layers(model)):
-        def pre(mod, args, l=l):
-            x = args[0]
-            B, T, HD = x.shape
-            got[l] = x.detach().view(B, T, num_heads, HD // num_heads)
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
-    try:
-        yield got
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def head_outputs(steerer, tokenizer, texts, *, position: str = "last", batch_size: int = 8,
                  max_length: int = 128, progress: bool = False) -> torch.Tensor:
     """Per-head raw attention outputs (N,L,H,D) float32 on CPU for N texts through a patched model.
 
-    position "last": at each text's last token via steerer.capture_heads: raw outputs (before that head's
-    gate/shift) of the model AS STEERED NOW, so steering of earlier layers shows; call steerer.reset() first
-    for the plain model. "mean": the mean over the text's real tokens, read by o_proj input hooks under
-    steerer.disabled(), i.e. always the plain model (capture_heads keeps one position per sample)."""
+    Both read steerer.capture_heads (raw outputs, before that head's gate/shift).
+    position "last": at each text's last token, of the model AS STEERED NOW, so steering of earlier layers
+    shows; call steerer.reset() first for the plain model. "mean": the mean over the text's real tokens
+    (capture_heads("all", attention_mask), averaged inside the attention function) under
+    steerer.unsteered(), i.e. always the plain model."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     if batch_size < 1:
@@ -72,16 +55,12 @@ def head_outputs(steerer, tokenizer, texts, *, position: str = "last", batch_siz
     for s in _progress(starts, progress, total=len(starts), desc="head outputs"):
         ids, mask = pad_right(seqs[s:s + batch_size], pad, device)
         if position == "last":
-            last = mask.sum(1) - 1
-            with steerer.capture_heads(positions=last) as cap:
-                model(input_ids=ids, attention_mask=mask)
-            out.append(cap.outputs.float().permute(1, 0, 2, 3).cpu())
+            state, cap_ctx = contextlib.nullcontext(), steerer.capture_heads(positions=mask.sum(1) - 1)
         else:
-            with steerer.disabled(), _o_proj_inputs(model, int(steerer.num_heads)) as got:
-                model(input_ids=ids, attention_mask=mask)
-            x = torch.stack([got[l] for l in range(len(got))], 1).float()   # (B,L,T,H,D)
-            w = mask.to(x.dtype)[:, None, :, None, None]
-            out.append(((x * w).sum(2) / w.sum(2)).cpu())
+            state, cap_ctx = steerer.unsteered(), steerer.capture_heads(positions="all", mask=mask)
+        with state, cap_ctx as cap:
+            model(input_ids=ids, attention_mask=mask)
+        out.append(cap.outputs.float().permute(1, 0, 2, 3).cpu())
     return torch.cat(out)
 
 

@@ -16,15 +16,20 @@ class _Record:
 
 
 class HeadCapture:
-    """Filled by a forward inside `steerer.capture_heads()`; `outputs` is (L,B,H,D), detached."""
+    """Filled by a forward inside `steerer.capture_heads()`; `outputs` is (L,B,H,D), detached.
 
-    def __init__(self, num_layers, positions):
-        self.positions = positions
+    positions (B,) long: the output at that token of each sample; None: the last token; "all": the mean over
+    the tokens selected by `mask` (B,T) (nonzero = selected; None = every token), in float32."""
+
+    def __init__(self, num_layers, positions, mask=None):
+        self.positions, self.mask = positions, mask
         self._per_layer = [None] * num_layers
 
     def _store(self, layer, out):  # out (B,T,H,D)
         B, T = out.shape[:2]
-        if self.positions is None:
+        if isinstance(self.positions, str):
+            sel = self._mean(out)
+        elif self.positions is None:
             sel = out[:, -1]
         else:
             if self.positions.shape[0] != B:
@@ -36,6 +41,18 @@ class HeadCapture:
             pos = self.positions.to(out.device)
             sel = out[torch.arange(B, device=out.device), pos]
         self._per_layer[layer] = sel.detach()
+
+    def _mean(self, out):
+        """Mean over the selected tokens (B,H,D) float32: one weighted sum over T, no loop over tokens."""
+        B, T = out.shape[:2]
+        if self.mask is None:
+            return out.float().mean(1)
+        if tuple(self.mask.shape) != (B, T):
+            raise ValueError(f"capture_heads: mask has shape {tuple(self.mask.shape)}, the attention input has "
+                             f"(batch, tokens) = ({B}, {T})")
+        w = (self.mask.to(out.device) != 0).float()
+        total = torch.einsum("bthd,bt->bhd", out.float(), w)
+        return total / w.sum(1).clamp_min(1)[:, None, None]
 
     @property
     def outputs(self) -> torch.Tensor:
@@ -212,16 +229,42 @@ class Steerer:
                 getattr(stats, f).copy_(getattr(merged, f))
 
     @contextlib.contextmanager
-    def capture_heads(self, positions=None):
-        """Capture raw per-head attention outputs (pre gate/shift) at `positions` (B,) (None = last token)."""
-        if positions is not None:
-            _checks.tensor(positions, "positions", ndim=1, dtypes=(torch.int64, torch.int32))
-        cap = HeadCapture(self.num_layers, positions)
+    def capture_heads(self, positions=None, mask=None):
+        """Capture raw per-head attention outputs (pre gate/shift), `cap.outputs` (L,B,H,D) after the forward.
+
+        positions: (B,) long token index per sample, None = the last token, or "all" = the mean over the
+        tokens where mask (B,T) bool/int is nonzero (mask None = all tokens; float32 result; a sample with no
+        selected token gives zeros). mask is only for positions="all"."""
+        if isinstance(positions, str):
+            if positions != "all":
+                raise ValueError(f"positions must be a (B,) index tensor, None or 'all', got {positions!r}")
+            if mask is not None:
+                _checks.tensor(mask, "mask", ndim=2, dtypes=(torch.bool, torch.int64, torch.int32, torch.uint8))
+        else:
+            if positions is not None:
+                _checks.tensor(positions, "positions", ndim=1, dtypes=(torch.int64, torch.int32))
+            if mask is not None:
+                raise ValueError("mask is only used with positions='all'")
+        cap = HeadCapture(self.num_layers, positions, mask)
         prev, self._capture = self._capture, cap
         try:
             yield cap
         finally:
             self._capture = prev
+
+    @contextlib.contextmanager
+    def unsteered(self):
+        """Gates 1, shifts 0, no shift bank or language selection and no neuron interventions for the
+        duration, on the patched path (capture_heads and record_neurons still work); restores the state."""
+        keep = ("_gate", "_shift", "_bank", "_alpha", "_lang", "_ivs")
+        saved = {k: getattr(self, k) for k in keep}
+        self.reset()
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+            self._iv_cache, self._views = {}, None
 
     @contextlib.contextmanager
     def disabled(self):
