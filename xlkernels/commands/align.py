@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from .neurons import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, load_model_from_args
 
 HELP = "cross-lingual alignment per layer: MEXA (mutual nearest-neighbour retrieval) and ANC vs a pivot"
 EXAMPLES = """\

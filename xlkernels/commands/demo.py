@@ -9,7 +9,7 @@ import traceback
 
 import torch
 
-from .neurons import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, load_model_from_args
 
 HELP = ("run the full pipeline on the embedded model: language heads, language neurons, steered generation "
         "(about 5-10 minutes on a laptop CPU, the first run included)")

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .neurons import add_model_arguments, load_corpus, load_model_from_args
+from ._common import add_model_arguments, load_corpus, load_model_from_args
 
 HELP = ("find language attention heads: LAHIS head importance per language (one forward+backward per batch), "
         "top 4 percent heads, language-general and language-specific heads")

@@ -5,7 +5,7 @@ import sys
 import time
 
 from .heads import fmt_heads
-from .neurons import add_model_arguments, load_corpus, load_model_from_args
+from ._common import add_model_arguments, load_corpus, load_model_from_args
 
 HELP = ("compute a language shift bank: per-head mean differences of attention outputs between languages "
         "over parallel prompts, on the heads a probe (or LAHIS) selects; saved as a steering plan")

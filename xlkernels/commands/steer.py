@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from .neurons import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, load_model_from_args
 
 HELP = "generate (greedy) with a saved steering plan: head gates, a language shift bank, neuron deactivations"
 EXAMPLES = """\
