@@ -58,7 +58,7 @@ __global__ void fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up,
   float m[V], b[V];
   load_iv<V>(a, -1, c, width, m, b);
   for (int64_t r = r0; r < r1; r += kUnroll) {
-    ns::Pack<T, V> xg[kUnroll], xu[kUnroll];
+    Pack<T, V> xg[kUnroll], xu[kUnroll];
     int64_t g[kUnroll];
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
@@ -67,13 +67,13 @@ __global__ void fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up,
       if (g[k] >= a.groups) g[k] = -1;
       const int64_t off = (r + k) * nn + c;
       if (row_ok && width == V) {
-        xg[k] = *reinterpret_cast<const ns::Pack<T, V>*>(gate + off);
-        xu[k] = *reinterpret_cast<const ns::Pack<T, V>*>(up + off);
+        xg[k] = load<T, V>(gate + off);
+        xu[k] = load<T, V>(up + off);
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          xg[k].v[j] = row_ok && j < width ? gate[off + j] : ns::from_f<T>(0.f);
-          xu[k].v[j] = row_ok && j < width ? up[off + j] : ns::from_f<T>(0.f);
+          xg[k].v[j] = row_ok && j < width ? gate[off + j] : from_f<T>(0.f);
+          xu[k].v[j] = row_ok && j < width ? up[off + j] : from_f<T>(0.f);
         }
       }
     }
@@ -89,19 +89,19 @@ __global__ void fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up,
       float v[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float x = ns::to_f<T>(xg[k].v[j]);
+        const float x = to_f<T>(xg[k].v[j]);
         v[j] = x * sig<ACT>(x);
       }
       if (STATS && cur >= 0) acc.add(v);
       if (width == V) {
-        ns::Pack<T, V> y;
+        Pack<T, V> y;
 #pragma unroll
-        for (int j = 0; j < V; ++j) y.v[j] = ns::from_f<T>((v[j] * m[j] + b[j]) * ns::to_f<T>(xu[k].v[j]));
-        *reinterpret_cast<ns::Pack<T, V>*>(out + (r + k) * nn + c) = y;
+        for (int j = 0; j < V; ++j) y.v[j] = from_f<T>((v[j] * m[j] + b[j]) * to_f<T>(xu[k].v[j]));
+        store<T, V>(out + (r + k) * nn + c, y);
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (j < width) out[(r + k) * nn + c + j] = ns::from_f<T>((v[j] * m[j] + b[j]) * ns::to_f<T>(xu[k].v[j]));
+          if (j < width) out[(r + k) * nn + c + j] = from_f<T>((v[j] * m[j] + b[j]) * to_f<T>(xu[k].v[j]));
       }
     }
   }
@@ -120,29 +120,29 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ gat
     if (g >= a.groups) g = -1;
     float m[V], b[V];
     load_iv<V>(a, g, c, width, m, b);
-    ns::Pack<T, V> xo, xg, xu, yg, yu;
+    Pack<T, V> xo, xg, xu, yg, yu;
     if (width == V) {
-      xo = *reinterpret_cast<const ns::Pack<T, V>*>(grad + off);
-      xg = *reinterpret_cast<const ns::Pack<T, V>*>(gate + off);
-      xu = *reinterpret_cast<const ns::Pack<T, V>*>(up + off);
+      xo = load<T, V>(grad + off);
+      xg = load<T, V>(gate + off);
+      xu = load<T, V>(up + off);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        xo.v[j] = j < width ? grad[off + j] : ns::from_f<T>(0.f);
-        xg.v[j] = j < width ? gate[off + j] : ns::from_f<T>(0.f);
-        xu.v[j] = j < width ? up[off + j] : ns::from_f<T>(0.f);
+        xo.v[j] = j < width ? grad[off + j] : from_f<T>(0.f);
+        xg.v[j] = j < width ? gate[off + j] : from_f<T>(0.f);
+        xu.v[j] = j < width ? up[off + j] : from_f<T>(0.f);
       }
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float x = ns::to_f<T>(xg.v[j]), o = ns::to_f<T>(xo.v[j]), u = ns::to_f<T>(xu.v[j]);
+      const float x = to_f<T>(xg.v[j]), o = to_f<T>(xo.v[j]), u = to_f<T>(xu.v[j]);
       const float s = sig<ACT>(x);
-      yu.v[j] = ns::from_f<T>(o * (x * s * m[j] + b[j]));
-      yg.v[j] = ns::from_f<T>(o * u * m[j] * dact<ACT>(x, s));
+      yu.v[j] = from_f<T>(o * (x * s * m[j] + b[j]));
+      yg.v[j] = from_f<T>(o * u * m[j] * dact<ACT>(x, s));
     }
     if (width == V) {
-      *reinterpret_cast<ns::Pack<T, V>*>(dgate + off) = yg;
-      *reinterpret_cast<ns::Pack<T, V>*>(dup + off) = yu;
+      store<T, V>(dgate + off, yg);
+      store<T, V>(dup + off, yu);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {

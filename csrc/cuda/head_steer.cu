@@ -2,44 +2,14 @@
 // gate == 0. Element access is vectorised (up to 16 bytes per load/store) when D, the strides of o and the
 // pointers allow it. Backward: one block per (b*H + h, chunk of t); the per-(b,h) sums are reduced in the
 // block and added with one fp32 atomic per (b,h,d) and per (b,h) for each chunk.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "head_steer.h"
 
 namespace xlk {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load(const T* p) { return *reinterpret_cast<const Pack<T, V>*>(p); }
-template <typename T, int V>
-__device__ __forceinline__ void store(T* p, const Pack<T, V>& x) { *reinterpret_cast<Pack<T, V>*>(p) = x; }
 
 // Grid-stride over the nvec = B*T*H*D/V vectors of the output; I is the index type (32-bit when it fits).
 // svec: shift rows may be read as float4 (16-byte aligned, D % 4 == 0, V % 4 == 0).

@@ -29,17 +29,17 @@ __global__ void stats_kernel(const T* __restrict__ act, const int64_t* __restric
   acc.reset();
   int64_t cur = -1;
   for (int64_t r = r0; r < r1; r += kUnroll) {
-    ns::Pack<T, V> x[kUnroll];
+    Pack<T, V> x[kUnroll];
     int64_t g[kUnroll];
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
       g[k] = r + k < r1 ? __ldg(ids + r + k) : -1;
       if (g[k] >= groups) g[k] = -1;
       if (g[k] >= 0 && width == V) {
-        x[k] = *reinterpret_cast<const ns::Pack<T, V>*>(act + (r + k) * nn + c);
+        x[k] = load<T, V>(act + (r + k) * nn + c);
       } else {
 #pragma unroll
-        for (int j = 0; j < V; ++j) x[k].v[j] = (g[k] >= 0 && j < width) ? act[(r + k) * nn + c + j] : ns::from_f<T>(0.f);
+        for (int j = 0; j < V; ++j) x[k].v[j] = (g[k] >= 0 && j < width) ? act[(r + k) * nn + c + j] : from_f<T>(0.f);
       }
     }
 #pragma unroll
@@ -52,7 +52,7 @@ __global__ void stats_kernel(const T* __restrict__ act, const int64_t* __restric
       if (cur >= 0) {
         float f[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) f[j] = ns::to_f<T>(x[k].v[j]);
+        for (int j = 0; j < V; ++j) f[j] = to_f<T>(x[k].v[j]);
         acc.add(f);
       }
     }
