@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .local import _plain_copy, prepare_tokenizer
+from .local import _plain_copy, from_pretrained, prepare_tokenizer
 
 DEFAULT_NAME = "gemma-3-270m-q4_k_m"
 _MARKER = "xlkernels-cache.json"
@@ -122,6 +122,24 @@ def convert_default(target: Path = None, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _conversion_lock(path: Path):
+    """Serialise first-time conversions across processes (e.g. parallel test workers): one converts, the
+    others wait and then load its cache."""
+    try:
+        import fcntl
+    except ImportError:   # no flock (Windows): the atomic rename still keeps the cache consistent
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_default(dtype=torch.float32, device="cpu", progress=True, device_map=None):
     """(model, tokenizer) of Gemma-3-270M: 18 layers, hidden 640, 4 heads (1 KV head, head_dim 256).
 
@@ -129,18 +147,15 @@ def load_default(dtype=torch.float32, device="cpu", progress=True, device_map=No
     later calls load the cache (seconds). Weights are the exact float32 dequantization of the Q4_K_M file,
     cast to `dtype`. The tokenizer pads on the left.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     path = default_cache_path()
     if not _valid(path):
-        convert_default(path, progress=progress)
+        with _conversion_lock(path):
+            if not _valid(path):   # another process may have converted while we waited
+                convert_default(path, progress=progress)
     kw = {"local_files_only": True}
     with _quiet(progress):
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        mkw = dict(kw, dtype=dtype)
-        if device_map is not None:
-            mkw["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, **mkw)
-    if device_map is None:
-        model.to(device)
+        model = from_pretrained(path, kw, dtype, device, device_map)
     tok.padding_side = "left"
-    return model.eval(), prepare_tokenizer(tok)
+    return model, prepare_tokenizer(tok)
