@@ -17,6 +17,8 @@
 #include <string>
 #include <tuple>
 
+#include "../xlk_checks.h"
+
 TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
   m.def("glu_fwd(Tensor gate, Tensor up, str activation, Tensor? group_ids, Tensor? mul, Tensor? add) -> Tensor");
   m.def(
@@ -142,13 +144,6 @@ int parse_act(const std::string& s) {
   return -1;
 }
 
-void check_same(const at::Tensor& t, const at::Tensor& gate, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "glu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.sizes() == gate.sizes(), "glu: ", name, " must have shape ", gate.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == gate.scalar_type(), "glu: ", name, " must have dtype ", gate.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
-}
-
 Args make_args(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& group_ids,
                const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add, int64_t groups) {
   TORCH_CHECK(gate.dim() == 2, "glu: gate must be (N, I), got ", gate.sizes());
@@ -156,7 +151,7 @@ Args make_args(const at::Tensor& gate, const at::Tensor& up, const std::optional
   const auto st = gate.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "glu: gate must be float32/float16/bfloat16, got ", st);
-  check_same(up, gate, "up");
+  xlk::check_same(up, gate, "glu", "up");
   Args a;
   a.n = gate.size(0);
   a.nn = gate.size(1);
@@ -219,13 +214,6 @@ at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string
   return out;
 }
 
-void check_stat(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "glu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dt, "glu: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "glu: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
-}
-
 at::Tensor glu_fwd_stats_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
                              const at::Tensor& group_ids, const std::optional<at::Tensor>& mul,
                              const std::optional<at::Tensor>& add, const at::Tensor& tokens,
@@ -234,11 +222,11 @@ at::Tensor glu_fwd_stats_cpu(const at::Tensor& gate, const at::Tensor& up, c10::
   const int act = parse_act(std::string(activation));
   const int64_t groups = tokens.numel();
   Args a = make_args(gate, up, group_ids, mul, add, groups);
-  check_stat(tokens, "tokens", at::kLong, {groups});
-  check_stat(positive, "positive", at::kLong, {groups, a.nn});
-  check_stat(sum, "sum", at::kDouble, {groups, a.nn});
-  check_stat(sum_sq, "sum_sq", at::kDouble, {groups, a.nn});
-  check_stat(max, "max", at::kFloat, {groups, a.nn});
+  xlk::check_tensor(tokens, "glu", "tokens", at::kLong, {groups});
+  xlk::check_tensor(positive, "glu", "positive", at::kLong, {groups, a.nn});
+  xlk::check_tensor(sum, "glu", "sum", at::kDouble, {groups, a.nn});
+  xlk::check_tensor(sum_sq, "glu", "sum_sq", at::kDouble, {groups, a.nn});
+  xlk::check_tensor(max, "glu", "max", at::kFloat, {groups, a.nn});
   int64_t* tok = tokens.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < a.n; ++r)
     if (a.ids[r] >= 0) tok[a.ids[r]] += 1;
@@ -258,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad_out, const
                                                const std::optional<at::Tensor>& add) {
   const int act = parse_act(std::string(activation));
   Args a = make_args(gate, up, group_ids, mul, add, -1);
-  check_same(grad_out, gate, "grad_out");
+  xlk::check_same(grad_out, gate, "glu", "grad_out");
   at::Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
   if (a.n == 0 || a.nn == 0) return {dgate, dup};
   const auto st = gate.scalar_type();

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../xlk_checks.h"
+
 TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
   m.def(
       "neuron_stats_accum(Tensor act, Tensor group_ids, Tensor(a!) tokens, Tensor(b!) positive, "
@@ -66,13 +68,6 @@ void accum(const at::Tensor& act, const int64_t* ids, int64_t n, int64_t nn, int
   });
 }
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device().is_cpu(), "neuron_stats_accum: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dt, "neuron_stats_accum: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "neuron_stats_accum: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "neuron_stats_accum: ", name, " must be contiguous");
-}
-
 void neuron_stats_accum_cpu(const at::Tensor& act, const at::Tensor& group_ids, const at::Tensor& tokens,
                             const at::Tensor& positive, const at::Tensor& sum, const at::Tensor& sum_sq,
                             const at::Tensor& max) {
@@ -82,12 +77,12 @@ void neuron_stats_accum_cpu(const at::Tensor& act, const at::Tensor& group_ids, 
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "neuron_stats_accum: act must be float32/float16/bfloat16, got ", st);
   const int64_t n = act.size(0), nn = act.size(1), groups = tokens.numel();
-  check(group_ids, "group_ids", at::kLong, {n});
-  check(tokens, "tokens", at::kLong, {groups});
-  check(positive, "positive", at::kLong, {groups, nn});
-  check(sum, "sum", at::kDouble, {groups, nn});
-  check(sum_sq, "sum_sq", at::kDouble, {groups, nn});
-  check(max, "max", at::kFloat, {groups, nn});
+  xlk::check_tensor(group_ids, "neuron_stats_accum", "group_ids", at::kLong, {n});
+  xlk::check_tensor(tokens, "neuron_stats_accum", "tokens", at::kLong, {groups});
+  xlk::check_tensor(positive, "neuron_stats_accum", "positive", at::kLong, {groups, nn});
+  xlk::check_tensor(sum, "neuron_stats_accum", "sum", at::kDouble, {groups, nn});
+  xlk::check_tensor(sum_sq, "neuron_stats_accum", "sum_sq", at::kDouble, {groups, nn});
+  xlk::check_tensor(max, "neuron_stats_accum", "max", at::kFloat, {groups, nn});
   const int64_t* ids = group_ids.const_data_ptr<int64_t>();
   int64_t* tok = tokens.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {

@@ -10,20 +10,16 @@
 #include <string>
 #include <tuple>
 
+#include "binding_utils.h"
 #include "glu.h"
 #include "neuron_stats.h"
 
 namespace {
 
-int dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return xlk::kNsF32;
-    case at::kHalf: return xlk::kNsF16;
-    case at::kBFloat16: return xlk::kNsBF16;
-    default: TORCH_CHECK(false, "glu: gate must be float32/float16/bfloat16, got ", t);
-  }
-  return -1;
-}
+using xlk::sm_count;
+static_assert(xlk::kNsF32 == 0 && xlk::kNsF16 == 1 && xlk::kNsBF16 == 2, "dtype codes");
+
+int dtype_of(at::ScalarType t) { return xlk::float_dtype_code(t, "glu: gate"); }
 
 int act_of(c10::string_view s) {
   const std::string a(s);
@@ -33,28 +29,12 @@ int act_of(c10::string_view s) {
   return -1;
 }
 
-int sm_count(int device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 132;
-  }
-  return n;
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& gate, const char* name) {
-  TORCH_CHECK(t.device() == gate.device(), "glu: ", name, " must be on ", gate.device(), ", got ", t.device());
-  TORCH_CHECK(t.sizes() == gate.sizes(), "glu: ", name, " must have shape ", gate.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == gate.scalar_type(), "glu: ", name, " must have dtype ", gate.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
-}
-
 // Fills n, nn, ids, mode, mul, add, groups (groups: from the stats when >= 0, else from mul (G, I)).
 xlk::GluArgs make_args(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& group_ids,
                        const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add, int64_t groups) {
   TORCH_CHECK(gate.is_cuda() && gate.dim() == 2 && gate.is_contiguous(),
               "glu: gate must be a contiguous (N, I) CUDA tensor, got ", gate.sizes());
-  check_like(up, gate, "up");
+  xlk::check_same(up, gate, "glu", "up", gate.device());
   xlk::GluArgs a;
   a.n = gate.size(0);
   a.nn = gate.size(1);
@@ -102,14 +82,6 @@ at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, c10::strin
   return out;
 }
 
-void check_stat(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape,
-                const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, "glu: ", name, " must be on ", dev, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dt, "glu: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "glu: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "glu: ", name, " must be contiguous");
-}
-
 at::Tensor glu_fwd_stats_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
                               const at::Tensor& group_ids, const std::optional<at::Tensor>& mul,
                               const std::optional<at::Tensor>& add, const at::Tensor& tokens,
@@ -119,11 +91,11 @@ at::Tensor glu_fwd_stats_cuda(const at::Tensor& gate, const at::Tensor& up, c10:
   const int64_t groups = tokens.numel();
   xlk::GluArgs a = make_args(gate, up, group_ids, mul, add, groups);
   const at::Device dev = gate.device();
-  check_stat(tokens, "tokens", at::kLong, {groups}, dev);
-  check_stat(positive, "positive", at::kLong, {groups, a.nn}, dev);
-  check_stat(sum, "sum", at::kDouble, {groups, a.nn}, dev);
-  check_stat(sum_sq, "sum_sq", at::kDouble, {groups, a.nn}, dev);
-  check_stat(max, "max", at::kFloat, {groups, a.nn}, dev);
+  xlk::check_tensor(tokens, "glu", "tokens", at::kLong, {groups}, dev);
+  xlk::check_tensor(positive, "glu", "positive", at::kLong, {groups, a.nn}, dev);
+  xlk::check_tensor(sum, "glu", "sum", at::kDouble, {groups, a.nn}, dev);
+  xlk::check_tensor(sum_sq, "glu", "sum_sq", at::kDouble, {groups, a.nn}, dev);
+  xlk::check_tensor(max, "glu", "max", at::kFloat, {groups, a.nn}, dev);
   a.groups = groups;
   a.tokens = tokens.mutable_data_ptr<int64_t>();
   a.positive = positive.mutable_data_ptr<int64_t>();
@@ -146,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& add) {
   const int act = act_of(activation);
   xlk::GluArgs a = make_args(gate, up, group_ids, mul, add, -1);
-  check_like(grad_out, gate, "grad_out");
+  xlk::check_same(grad_out, gate, "glu", "grad_out", gate.device());
   c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
   cudaError_t err = xlk::glu_backward(dtype_of(gate.scalar_type()), act, grad_out.const_data_ptr(),

@@ -9,31 +9,17 @@
 #include <torch/library.h>
 
 #include "../cpu/head_steer_args.h"
+#include "binding_utils.h"
 #include "head_steer.h"
 
 namespace {
 
-int steer_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return xlk::kSteerF32;
-    case at::kHalf: return xlk::kSteerF16;
-    case at::kBFloat16: return xlk::kSteerBF16;
-    default: TORCH_CHECK(false, "head_steer: o must be float32/float16/bfloat16, got ", t);
-  }
-  return -1;
-}
+static_assert(xlk::kSteerF32 == 0 && xlk::kSteerF16 == 1 && xlk::kSteerBF16 == 2, "dtype codes");
+
+int steer_dtype(at::ScalarType t) { return xlk::float_dtype_code(t, "head_steer: o"); }
 
 xlk::SteerShape shape_of(const xlk::SteerArgs& a) {
   return xlk::SteerShape{a.B, a.T, a.H, a.D, a.sb, a.st, a.sh, a.gate_bs, a.shift_bs};
-}
-
-int num_sms(int device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 132;
-  }
-  return n;
 }
 
 at::Tensor head_steer_cuda(const at::Tensor& o_in, const std::optional<at::Tensor>& gate,
@@ -82,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_steer_backward_cuda(
         a.gate.defined() ? a.gate.const_data_ptr<float>() : nullptr, need_o ? grad_o.mutable_data_ptr() : nullptr,
         need_gate ? acc_gate.mutable_data_ptr<float>() : nullptr, gate_b ? a.H : 0,
         need_shift ? acc_shift.mutable_data_ptr<float>() : nullptr, shift_b ? a.H * a.D : 0, shape_of(a),
-        num_sms(o.device().index()), c10::cuda::getCurrentCUDAStream(o.device().index()).stream());
+        xlk::sm_count(o.device().index()), c10::cuda::getCurrentCUDAStream(o.device().index()).stream());
     TORCH_CHECK(err == cudaSuccess, "head_steer_backward: CUDA launch failed: ", cudaGetErrorString(err));
   }
   at::Tensor grad_gate = need_gate ? acc_gate.to(gate->scalar_type()) : acc_gate;

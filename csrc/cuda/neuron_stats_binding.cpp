@@ -7,50 +7,28 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "neuron_stats.h"
 
 namespace {
 
-int ns_dtype(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return xlk::kNsF32;
-    case at::kHalf: return xlk::kNsF16;
-    case at::kBFloat16: return xlk::kNsBF16;
-    default: TORCH_CHECK(false, op, ": activations must be float32/float16/bfloat16, got ", t);
-  }
-  return -1;
-}
-
-int sm_count(int device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 132;
-  }
-  return n;
-}
-
-void check(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, "neuron_stats_accum: ", name, " must be on ", dev, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dt, "neuron_stats_accum: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "neuron_stats_accum: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "neuron_stats_accum: ", name, " must be contiguous");
-}
+using xlk::sm_count;
+static_assert(xlk::kNsF32 == 0 && xlk::kNsF16 == 1 && xlk::kNsBF16 == 2, "dtype codes");
 
 void neuron_stats_accum_cuda(const at::Tensor& act, const at::Tensor& group_ids, const at::Tensor& tokens,
                              const at::Tensor& positive, const at::Tensor& sum, const at::Tensor& sum_sq,
                              const at::Tensor& max) {
   TORCH_CHECK(act.is_cuda() && act.dim() == 2 && act.is_contiguous(),
               "neuron_stats_accum: act must be a contiguous (N, I) CUDA tensor, got ", act.sizes());
-  const int dt = ns_dtype(act.scalar_type(), "neuron_stats_accum");
+  const int dt = xlk::float_dtype_code(act.scalar_type(), "neuron_stats_accum: activations");
   const int64_t n = act.size(0), nn = act.size(1), groups = tokens.numel();
   const at::Device dev = act.device();
-  check(group_ids, "group_ids", at::kLong, {n}, dev);
-  check(tokens, "tokens", at::kLong, {groups}, dev);
-  check(positive, "positive", at::kLong, {groups, nn}, dev);
-  check(sum, "sum", at::kDouble, {groups, nn}, dev);
-  check(sum_sq, "sum_sq", at::kDouble, {groups, nn}, dev);
-  check(max, "max", at::kFloat, {groups, nn}, dev);
+  xlk::check_tensor(group_ids, "neuron_stats_accum", "group_ids", at::kLong, {n}, dev);
+  xlk::check_tensor(tokens, "neuron_stats_accum", "tokens", at::kLong, {groups}, dev);
+  xlk::check_tensor(positive, "neuron_stats_accum", "positive", at::kLong, {groups, nn}, dev);
+  xlk::check_tensor(sum, "neuron_stats_accum", "sum", at::kDouble, {groups, nn}, dev);
+  xlk::check_tensor(sum_sq, "neuron_stats_accum", "sum_sq", at::kDouble, {groups, nn}, dev);
+  xlk::check_tensor(max, "neuron_stats_accum", "max", at::kFloat, {groups, nn}, dev);
   c10::cuda::CUDAGuard guard(dev);
   cudaError_t err = xlk::neuron_stats_accum(
       dt, act.const_data_ptr(), group_ids.const_data_ptr<int64_t>(), n, nn, groups,
