@@ -143,7 +143,8 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(pkg, "assemble", boom)
     with pytest.raises(KeyboardInterrupt):
         models.load_default(progress=False)
-    assert os.listdir(tmp_path) == []          # neither the cache nor its temp dir is left behind
+    left = [f for f in os.listdir(tmp_path) if not f.endswith(".lock")]   # the (empty) lock file may stay
+    assert left == []          # neither the cache nor its temp dir is left behind
 
 
 @pytest.mark.model
