@@ -25,20 +25,10 @@ from bench import common
 
 
 def llama(device, dtype, quick):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if device.type == "cuda":
-        cfg = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-                   num_hidden_layers=2 if quick else 4, vocab_size=32000)
-    else:
-        cfg = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=704,
-                   num_hidden_layers=2 if quick else 4, vocab_size=512)
-    config = LlamaConfig(**cfg, max_position_embeddings=8192, attn_implementation="eager")
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    cpu = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=704, vocab_size=512)
+    model, label = common.llama_model(device, dtype, quick, cpu, attn_implementation="eager")
     from xlkernels.models import tiny_tokenizer
-    return model, tiny_tokenizer(), "llama-" + ",".join(f"{k}={v}" for k, v in cfg.items())
+    return model, tiny_tokenizer(), label
 
 
 def default_model(device, dtype, quick):

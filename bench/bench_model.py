@@ -22,19 +22,8 @@ PROVIDERS = ("hf", "xlk_off", "xlk_on", "hooks")
 
 
 def llama(device, dtype, quick):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if device.type == "cuda":
-        cfg = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-                   num_hidden_layers=2 if quick else 4, vocab_size=32000)
-    else:
-        cfg = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408,
-                   num_hidden_layers=2 if quick else 4, vocab_size=1024)
-    config = LlamaConfig(**cfg, max_position_embeddings=8192, attn_implementation="sdpa")
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    return model, "llama-" + ",".join(f"{k}={v}" for k, v in cfg.items())
+    cpu = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=1024)
+    return common.llama_model(device, dtype, quick, cpu, attn_implementation="sdpa")
 
 
 def default_model(device, dtype, quick):

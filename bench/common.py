@@ -289,3 +289,22 @@ def ratio(rows: list, baseline: str, *, key=("op", "mode", "shape", "metric")) -
 
 def quick_arg(argv) -> bool:
     return "--quick" in (argv or [])
+
+
+def llama_model(device, dtype, quick, cpu: dict, attn_implementation: str = "sdpa"):
+    """Random-init Llama (seed 0) for model-level benches: Llama-3-8B layer sizes on CUDA, `cpu` sizes (hidden_size,
+    num_attention_heads, num_key_value_heads, intermediate_size, vocab_size) elsewhere; 2 layers if quick else 4.
+    Returns (model in eval mode, label)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if device.type == "cuda":
+        cpu = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                   vocab_size=32000)
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    cfg = {k: cpu[k] for k in keys}  # label order: ..., num_hidden_layers, vocab_size
+    cfg.update(num_hidden_layers=2 if quick else 4, vocab_size=cpu["vocab_size"])
+    config = LlamaConfig(**cfg, max_position_embeddings=8192, attn_implementation=attn_implementation)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model, "llama-" + ",".join(f"{k}={v}" for k, v in cfg.items())
