@@ -47,7 +47,7 @@ def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokeniz
     to pass a local path. `device_map` (e.g. "auto", needs accelerate) overrides `device`.
     The model is returned in eval mode; the tokenizer gets a pad token (eos) if it has none.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     directory, gguf = _resolve(path)
     kw = {"local_files_only": True}
     if gguf:
@@ -62,14 +62,20 @@ def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokeniz
             raise ValueError(f"no usable tokenizer in {str(directory)!r} ({e}); save one there with "
                              "tokenizer.save_pretrained(dir)") from e
         prepare_tokenizer(tok)
+    return from_pretrained(directory, kw, dtype, device, device_map), tok
+
+
+def from_pretrained(directory, kw, dtype, device, device_map=None):
+    """AutoModelForCausalLM from `directory` (kw: from_pretrained options) in `dtype`, moved to `device` unless
+    `device_map` places it; in eval mode."""
+    from transformers import AutoModelForCausalLM
     mkw = dict(kw, dtype=dtype)
     if device_map is not None:
         mkw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(directory, **mkw)
     if device_map is None:
         model.to(device)
-    model.eval()
-    return model, tok
+    return model.eval()
 
 
 def _plain_copy(model):
