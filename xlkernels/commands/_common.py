@@ -30,17 +30,22 @@ def load_model_from_args(args, progress=True):
 
 def load_corpus(args, n_total):
     """{lang: texts} from --texts files or the embedded parallel corpus (n_total texts per language)."""
-    from xlkernels.analysis.data import load_texts, parallel_corpus
+    from xlkernels.analysis.data import parallel_corpus
     if args.texts:
-        corpus = {}
-        for spec in args.texts:
-            if "=" not in spec:
-                raise ValueError(f"--texts must be LANG=FILE, got {spec!r}")
-            lang, path = spec.split("=", 1)
-            texts = load_texts(os.path.expanduser(path), lang=lang)
-            corpus[lang] = list(texts)[:n_total]
-        return corpus
+        return load_text_files(args.texts, n_total)
     langs = args.langs.split(",") if args.langs else None
     full = parallel_corpus(langs)
     n = min(n_total, min(len(t) for t in full.values()))
     return {lang: texts[:n] for lang, texts in full.items()}
+
+
+def load_text_files(specs, n):
+    """{lang: first n texts} from --texts LANG=FILE specs."""
+    from xlkernels.analysis.data import load_texts
+    corpus = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--texts must be LANG=FILE, got {spec!r}")
+        lang, path = spec.split("=", 1)
+        corpus[lang] = list(load_texts(os.path.expanduser(path), lang=lang))[:n]
+    return corpus

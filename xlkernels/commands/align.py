@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from ._common import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, load_model_from_args, load_text_files
 
 HELP = "cross-lingual alignment per layer: MEXA (mutual nearest-neighbour retrieval) and ANC vs a pivot"
 EXAMPLES = """\
@@ -41,14 +41,9 @@ def add_arguments(p):
 
 
 def _corpus(args):
-    from xlkernels.analysis.data import LANGS_DEFAULT, load_texts, parallel_corpus
+    from xlkernels.analysis.data import LANGS_DEFAULT, parallel_corpus
     if args.texts:
-        corpus = {}
-        for spec in args.texts:
-            if "=" not in spec:
-                raise ValueError(f"--texts must be LANG=FILE, got {spec!r}")
-            lang, path = spec.split("=", 1)
-            corpus[lang] = list(load_texts(os.path.expanduser(path), lang=lang))[:args.n]
+        corpus = load_text_files(args.texts, args.n)
         sizes = {l: len(t) for l, t in corpus.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"--texts files are not parallel (texts per language: {sizes})")
