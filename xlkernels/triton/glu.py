@@ -43,15 +43,7 @@ def _iv(ids_g, cols, cmask, rmask, I, mul_ptr, add_ptr, MODE: tl.constexpr):
 def _fwd_kernel(gate, up, out, ids, mul_ptr, add_ptr, pos_ptr, sum_ptr, sq_ptr, mx_i32, N, I, ROWS,
                 ACT: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr, HAS_IDS: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    cmask = cols < I
-    r0 = tl.program_id(1) * ROWS
-    r_end = tl.minimum(r0 + ROWS, N)
-    a_pos = tl.zeros([BLOCK_I], tl.int64)
-    a_sum = tl.zeros([BLOCK_I], tl.float64)
-    a_sq = tl.zeros([BLOCK_I], tl.float64)
-    a_mx = tl.full([BLOCK_I], float("-inf"), tl.float32)
-    cur = tl.program_id(0) * 0 - 1
+    cols, cmask, r0, r_end, a_pos, a_sum, a_sq, a_mx, cur = tns._start(N, I, ROWS, BLOCK_I)
     for r in range(r0, r_end, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
         rmask = rows < r_end

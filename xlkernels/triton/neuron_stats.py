@@ -70,8 +70,8 @@ def _consume(x, g, rmask, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_po
 
 
 @triton.jit
-def _stats_kernel(act, ids, pos_ptr, sum_ptr, sq_ptr, mx_i32, N, I, ROWS,
-                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+def _start(N, I, ROWS, BLOCK_I: tl.constexpr):
+    """This program's columns and row range [r0, r_end), and empty running stats (cur = -1: no run yet)."""
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     cmask = cols < I
     r0 = tl.program_id(1) * ROWS
@@ -81,6 +81,13 @@ def _stats_kernel(act, ids, pos_ptr, sum_ptr, sq_ptr, mx_i32, N, I, ROWS,
     a_sq = tl.zeros([BLOCK_I], tl.float64)
     a_mx = tl.full([BLOCK_I], float("-inf"), tl.float32)
     cur = tl.program_id(0) * 0 - 1
+    return cols, cmask, r0, r_end, a_pos, a_sum, a_sq, a_mx, cur
+
+
+@triton.jit
+def _stats_kernel(act, ids, pos_ptr, sum_ptr, sq_ptr, mx_i32, N, I, ROWS,
+                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    cols, cmask, r0, r_end, a_pos, a_sum, a_sq, a_mx, cur = _start(N, I, ROWS, BLOCK_I)
     for r in range(r0, r_end, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
         rmask = rows < r_end
