@@ -133,14 +133,9 @@ def _key_ranges(m0, S, off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
-                sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, srb, srh, srt,
-                sgb, sgh, ssb, ssh, skpb,
-                H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
-                HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr,
-                SAVE_RAW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _q_block(H, GROUP, T, S, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (query block, b*H + h): b, h, KV head hk, key offset off = S - T, first row m0, rows offs_m and
+    head-dim offs_d with their masks."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -152,6 +147,19 @@ def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < T
     dmask = offs_d < HEAD_D
+    return b, h, hk, off, m0, offs_m, offs_d, mmask, dmask
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
+                sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, srb, srh, srt,
+                sgb, sgh, ssb, ssh, skpb,
+                H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
+                HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr,
+                SAVE_RAW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, h, hk, off, m0, offs_m, offs_d, mmask, dmask = _q_block(H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
 
     g = 1.0
     if HAS_GATE:

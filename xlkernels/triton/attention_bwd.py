@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERP, _cfg, _empty, _empty_like, _key_ranges, _pos_mask, _scores, bucket, common, launch
+from .attention import (INTERP, _cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common,
+                        launch)
 
 
 
@@ -174,17 +175,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Gate, Kpm,
                    HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    off = S - T
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < T
-    dmask = offs_d < HEAD_D
+    b, h, hk, off, m0, offs_m, offs_d, mmask, dmask = _q_block(H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
     qmask = mmask[:, None] & dmask[None, :]
     g = 1.0
     lo, full_lo, full_hi, hi = _key_ranges(m0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
