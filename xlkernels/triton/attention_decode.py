@@ -12,6 +12,22 @@ from .attention import INTERP, _empty, _fwd_inner, _key_ranges
 
 
 @triton.jit
+def _pack_rows(bp, H, T, PACK: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batch b and first head h0 of program bp; its BLOCK_M rows r = (head hrow, query trow) (valid: rmask)
+    and head-dim offsets (valid: dmask)."""
+    npack = H // PACK
+    b = (bp // npack).to(tl.int64)
+    h0 = (bp % npack).to(tl.int64) * PACK
+    r = tl.arange(0, BLOCK_M)
+    hrow = h0 + r // T
+    trow = r % T
+    rmask = r < PACK * T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
+    return b, h0, r, hrow, trow, rmask, offs_d, dmask
+
+
+@triton.jit
 def _split_kernel(Q, K, V, Acc, Ml, Gate, Kpm,
                   sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sgb, sgh, skpb,
                   H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, split_len,
@@ -23,17 +39,9 @@ def _split_kernel(Q, K, V, Acc, Ml, Gate, Kpm,
     sp = tl.program_id(0)
     bp = tl.program_id(1)
     nsplit = tl.num_programs(0)
-    npack = H // PACK
-    b = (bp // npack).to(tl.int64)
-    h0 = (bp % npack).to(tl.int64) * PACK
+    b, h0, r, hrow, trow, rmask, offs_d, dmask = _pack_rows(bp, H, T, PACK, HEAD_D, BLOCK_M, BLOCK_D)
     hk = h0 // GROUP
     off = S - T
-    r = tl.arange(0, BLOCK_M)
-    hrow = h0 + r // T
-    trow = r % T
-    rmask = r < PACK * T
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_D
     lo, _a, _b, hi = _key_ranges(0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     start = tl.maximum(sp * split_len, lo)
     stop = tl.minimum((sp + 1) * split_len, hi)
@@ -65,15 +73,7 @@ def _combine_kernel(Acc, Ml, Out, ORaw, Lse, Gate, Shift, NSPLIT,
                     HEAD_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr,
                     SAVE_RAW: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     bp = tl.program_id(0)
-    npack = H // PACK
-    b = (bp // npack).to(tl.int64)
-    h0 = (bp % npack).to(tl.int64) * PACK
-    r = tl.arange(0, BLOCK_M)
-    hrow = h0 + r // T
-    trow = r % T
-    rmask = r < PACK * T
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_D
+    b, h0, r, hrow, trow, rmask, offs_d, dmask = _pack_rows(bp, H, T, PACK, HEAD_D, BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for sp in range(0, NSPLIT):
         m_i = tl.maximum(m_i, tl.load(Ml + ((bp * NSPLIT + sp) * BLOCK_M + r) * 2))
