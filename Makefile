@@ -22,11 +22,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/xlkernels demo
 
-# Compile every torch-free .cu with nvcc for each target arch (no GPU needed).
-cuda-check:
+# Compile every torch-free .cu with nvcc for each target arch, then syntax-check the torch-including CUDA
+# bindings against torch's and CUDA's headers. Neither needs a GPU or a CUDA build of torch.
+cuda-check: $(STAMP)
 	@set -e; out=$$(mktemp -d); for f in csrc/cuda/*.cu; do for a in $(CUDA_ARCHS); do \
 	  echo "nvcc sm_$$a $$f"; $(NVCC) -std=c++17 -O3 -c $$f -o $$out/$$(basename $$f).$$a.o \
 	    -gencode arch=compute_$$a,code=sm_$$a -Xcompiler -Wall -Werror all-warnings; done; done; rm -rf $$out
+	PY=$(PY) NVCC=$(NVCC) bash scripts/check_cuda_bindings.sh
 
 # Second build path: CMake with find_package(Torch); then load the library and run an op.
 cmake-check: $(STAMP)
