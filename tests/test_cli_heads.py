@@ -90,3 +90,40 @@ def test_errors(tmp_path, capsys):
     SteeringPlan(gate=torch.rand(3, 4), meta={"num_layers": 3, "num_heads": 4}).save(tmp_path / "p")
     assert main(["steer", *TINY, "--plan", str(tmp_path / "p"), "--prompt", "x"]) == 1
     assert "num_layers=3" in capsys.readouterr().err
+
+
+def test_heads_train_mask(tmp_path, capsys):
+    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.soft_mask import train_soft_mask
+    qa = tmp_path / "qa.jsonl"
+    pairs = [("The capital of France is", " Paris"), ("Hallo, wie", " geht es dir?")]
+    qa.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs) + "\n")
+    out = tmp_path / "h"
+    assert main(["heads", *TINY, "--langs", "en,de", "--n", "3", "--out", str(out), "--train-mask", str(qa),
+                 "--mask-lang", "de", "--mask-k", "3", "--epochs", "2", "--lr", "0.1"]) == 0
+    assert "answer loss" in capsys.readouterr().out
+    sm = json.loads((out / "heads.json").read_text())["soft_mask"]
+    assert sm["lang"] == "de" and sm["k"] == 3 and sm["pairs"] == 2 and len(sm["epoch_losses"]) == 2
+    assert sm["loss_after"] < sm["loss_before"]
+    scores = load_file(str(out / "scores.safetensors"))["scores.de"]
+    # same as the API on the same scores
+    import xlkernels
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("llama")
+    ref = train_soft_mask(xlkernels.patch(model), tok, pairs, scores=scores, k=3, epochs=2, lr=0.1, max_length=128)
+    assert sm["heads"] == ref.heads
+    torch.testing.assert_close(torch.tensor(sm["values"]), ref.values)
+    plan = SteeringPlan.load(out, model=model)
+    torch.testing.assert_close(plan.gate, ref.gate)
+    assert plan.meta["mask_heads"] == ref.heads and int((plan.gate != 1).sum()) <= 3
+    # again from the saved scores, no rescan; default language = the first
+    assert main(["heads", *TINY, "--scores", str(out / "scores.safetensors"), "--train-mask", str(qa),
+                 "--epochs", "1", "--out", str(tmp_path / "h2")]) == 0
+    s2 = json.loads((tmp_path / "h2" / "heads.json").read_text())
+    assert s2["soft_mask"]["lang"] == "en" and s2["scores_from"] and s2["n"] is None
+    capsys.readouterr()
+    qa.write_text('{"prompt": "x"}\n')
+    assert main(["heads", *TINY, "--n", "2", "--train-mask", str(qa), "--out", str(out)]) == 1
+    assert f"{qa}:1" in capsys.readouterr().err
+    assert main(["heads", *TINY, "--n", "2", "--train-mask", str(qa), "--epochs", "0", "--out", str(out)]) == 1
+    assert "--epochs" in capsys.readouterr().err

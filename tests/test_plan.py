@@ -97,7 +97,11 @@ def test_not_a_plan(tmp_path):
 def test_model_dims_from_hf_config():
     from xlkernels.models import tiny_model
     model, _ = tiny_model("llama")
-    assert model_dims(model) == {"num_layers": 2, "num_heads": 4, "head_dim": 16, "num_neurons": 128}
+    assert model_dims(model) == {"num_layers": 2, "num_heads": 4, "head_dim": 16, "num_neurons": 128,
+                                 "hidden_size": 64}
+    import xlkernels
+    assert model_dims(xlkernels.patch(model)) == model_dims(model)
+    xlkernels.unpatch(model)
 
 
 def test_apply_to_steerer(tmp_path):

@@ -7,9 +7,13 @@ against the model (a Steerer or an HF model) and raises ValueError naming the fi
 
 Tensors: "gate" (L,H); "shift" (L,H,D) or (K,L,H,D) with one row per name in `languages`;
 "neurons.<layer>" (n,) int64 for each deactivated layer.
+Residual-stream steering (optional): "itlc.<name>" (the fitted ITLC state, see analysis/itlc.py) with its
+settings under the metadata key "itlc" (langs, layer, accuracy, threshold, alpha); "incline.W" (L,E,E) with
+"incline" (site, src, sigma). E = the model's hidden size (metadata "hidden_size").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,21 +21,23 @@ from pathlib import Path
 import torch
 
 FORMAT = "xlkernels-steering-plan"
-VERSION = 1
+VERSION = 2   # 2: itlc / incline sections (written only when present; else 1)
 _META_KEY = "xlkernels_plan"
 
 
 def model_dims(model) -> dict:
     """{"num_layers","num_heads","head_dim","num_neurons"} of a Steerer or an HF model/config."""
     if all(hasattr(model, a) for a in ("num_layers", "num_heads", "head_dim")):
+        cfg = getattr(model, "config", None)
         return {"num_layers": int(model.num_layers), "num_heads": int(model.num_heads),
-                "head_dim": int(model.head_dim), "num_neurons": int(getattr(model, "num_neurons", 0) or 0)}
+                "head_dim": int(model.head_dim), "num_neurons": int(getattr(model, "num_neurons", 0) or 0),
+                "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0)}
     cfg = getattr(model, "config", model)
     cfg = getattr(cfg, "text_config", None) or cfg
     H = int(cfg.num_attention_heads)
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     return {"num_layers": int(cfg.num_hidden_layers), "num_heads": H, "head_dim": int(D),
-            "num_neurons": int(getattr(cfg, "intermediate_size", 0) or 0)}
+            "num_neurons": int(getattr(cfg, "intermediate_size", 0) or 0), "hidden_size": int(cfg.hidden_size)}
 
 
 def model_meta(model) -> dict:
@@ -52,10 +58,14 @@ class SteeringPlan:
     neurons: dict = field(default_factory=dict)   # {layer: LongTensor idx}
     languages: list = field(default_factory=list)  # bank row names when shift is (K,L,H,D)
     meta: dict = field(default_factory=dict)  # model, arch, num_layers, num_heads, head_dim, num_neurons, ...
+    itlc: object = None                       # analysis.itlc.ITLC: residual shift toward a language
+    itlc_alpha: float = 0.5
+    incline: object = None                    # analysis.incline.INCLINE: W (L,E,E) from incline.src to English
+    sigma: float = 0.3
 
     # ------------------------------------------------------------------------------ checks
     def dims(self) -> dict:
-        return {k: self.meta.get(k) for k in ("num_layers", "num_heads", "head_dim", "num_neurons")}
+        return {k: self.meta.get(k) for k in ("num_layers", "num_heads", "head_dim", "num_neurons", "hidden_size")}
 
     def validate(self, dims: dict | None = None):
         """Check the tensors against dims (default: the plan's own metadata); ValueError names the field."""
@@ -67,6 +77,7 @@ class SteeringPlan:
                 if v:
                     d[k] = v
         L, H, D, I = d["num_layers"], d["num_heads"], d["head_dim"], d["num_neurons"]
+        E = d.get("hidden_size")
         if self.gate is not None:
             _shape("gate", self.gate, (L, H))
         if self.shift is not None:
@@ -84,15 +95,36 @@ class SteeringPlan:
                 raise ValueError(f"neurons[{layer}] must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
             if I and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= I):
                 raise ValueError(f"neurons[{layer}] holds ids outside [0, {I})")
+        if self.itlc is not None:
+            it = self.itlc
+            if L and not 1 <= it.layer <= L - 1:
+                raise ValueError(f"itlc.layer must be in [1, {L - 1}] for a {L}-layer model, got {it.layer}")
+            K, n = len(it.langs), it.scalings.shape[-1] if it.scalings.dim() == 2 else None
+            for name, want in (("mean", (E,)), ("std", (E,)), ("xbar", (E,)), ("scalings", (E, None)),
+                               ("probe_weight", (K, n)), ("probe_bias", (K,)), ("vectors", (K, n))):
+                _shape(f"itlc.{name}", getattr(it, name), want)
+            if tuple(it.active.shape) != (K, n):
+                raise ValueError(f"itlc.active must have shape ({K}, {n}), got {tuple(it.active.shape)}")
+        if self.incline is not None:
+            _shape("incline.W", self.incline.W, (L, E, E))
         return self
 
     # ------------------------------------------------------------------------------ I/O
     def to_meta(self) -> dict:
         m = dict(self.meta)
-        m.update(format=FORMAT, version=VERSION, alpha=float(self.alpha), languages=list(self.languages),
+        latent = self.itlc is not None or self.incline is not None
+        m.update(format=FORMAT, version=VERSION if latent else 1, alpha=float(self.alpha),
+                 languages=list(self.languages),
                  has_gate=self.gate is not None,
                  shift="none" if self.shift is None else ("bank" if self.shift.dim() == 4 else "single"),
                  neuron_layers=sorted(int(k) for k in self.neurons))
+        if self.itlc is not None:
+            it = self.itlc
+            acc = None if it.accuracy != it.accuracy else it.accuracy   # NaN (no held-out split) -> null
+            m["itlc"] = {"langs": list(it.langs), "layer": it.layer, "accuracy": acc,
+                         "threshold": it.threshold, "alpha": float(self.itlc_alpha)}
+        if self.incline is not None:
+            m["incline"] = {"site": self.incline.site, "src": self.incline.src, "sigma": float(self.sigma)}
         return m
 
     def save(self, path) -> Path:
@@ -108,6 +140,12 @@ class SteeringPlan:
             tensors["shift"] = self.shift.detach().float().cpu().contiguous()
         for layer, idx in self.neurons.items():
             tensors[f"neurons.{int(layer)}"] = idx.detach().long().cpu().contiguous()
+        if self.itlc is not None:
+            for k in self.itlc._TENSORS:
+                t = getattr(self.itlc, k).detach().cpu()
+                tensors[f"itlc.{k}"] = (t.to(torch.uint8) if k == "active" else t).contiguous()
+        if self.incline is not None:
+            tensors["incline.W"] = self.incline.W.detach().float().cpu().contiguous()
         meta = self.to_meta()
         text = json.dumps(meta, indent=2, sort_keys=True)
         save_file(tensors, str(st), metadata={_META_KEY: text})
@@ -131,9 +169,18 @@ class SteeringPlan:
             raise ValueError(f"{st}: unsupported plan format {meta.get('format')!r} v{meta.get('version')}")
         neurons = {int(k.split(".", 1)[1]): v.long() for k, v in tensors.items() if k.startswith("neurons.")}
         keep = {k: meta[k] for k in meta if k not in ("format", "version", "alpha", "languages", "has_gate",
-                                                      "shift", "neuron_layers")}
+                                                      "shift", "neuron_layers", "itlc", "incline")}
         plan = cls(gate=tensors.get("gate"), shift=tensors.get("shift"), alpha=float(meta.get("alpha", 1.0)),
                    neurons=neurons, languages=list(meta.get("languages", [])), meta=keep)
+        if "itlc" in meta:
+            plan.itlc, plan.itlc_alpha = _load_itlc(meta["itlc"], tensors, st), float(meta["itlc"].get("alpha", 0.5))
+        if "incline" in meta:
+            from .incline import INCLINE
+            m = meta["incline"]
+            if "incline.W" not in tensors:
+                raise ValueError(f"{st}: the metadata names an incline section but the tensor incline.W is missing")
+            plan.incline = INCLINE(tensors["incline.W"], m.get("site", "block"), m.get("src"))
+            plan.sigma = float(m.get("sigma", 0.3))
         plan.validate(model_dims(model) if model is not None else None)
         return plan
 
@@ -164,6 +211,45 @@ class SteeringPlan:
         if self.neurons:
             steerer.deactivate_neurons({int(k): v.to(dev) for k, v in self.neurons.items()})
         return steerer
+
+    def inject(self, model, batch=None, target=None, source=None, alpha=None, sigma=None,
+               strategy="prompt_and_gen"):
+        """Context manager for the plan's residual-stream steering on an HF model (no-op without it).
+
+        ITLC: add itlc_alpha * (u_target - u_source) after block itlc.layer-1 (source None: u_target only).
+        INCLINE: clean pass on `batch` (input_ids, attention_mask), then overwrite every layer at the last
+        prompt token at prefill with h + sigma * h W_l. alpha / sigma override the plan's."""
+        if self.itlc is not None and target is None:
+            raise ValueError(f"target must name a language of the plan's ITLC fit {self.itlc.langs}")
+        if self.incline is not None and batch is None:
+            raise ValueError("batch (the prompt's input_ids, attention_mask) is needed for INCLINE")
+        stack = contextlib.ExitStack()
+        try:   # INCLINE first: its clean pass must not see the ITLC shift
+            if self.incline is not None:
+                s = self.sigma if sigma is None else float(sigma)
+                stack.enter_context(self.incline.inject(model, batch, s))
+            if self.itlc is not None:
+                a = self.itlc_alpha if alpha is None else float(alpha)
+                stack.enter_context(self.itlc.inject(model, target, source, alpha=a, strategy=strategy))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+
+def _load_itlc(m, tensors, st):
+    from .itlc import ITLC
+    missing = [k for k in ITLC._TENSORS if f"itlc.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"{st}: the itlc section lacks the tensors {['itlc.' + k for k in missing]}")
+    t = {k: tensors[f"itlc.{k}"] for k in ITLC._TENSORS}
+    t["active"] = t["active"].bool()
+    try:
+        acc = m.get("accuracy")
+        return ITLC(list(m["langs"]), int(m["layer"]), accuracy=float("nan") if acc is None else float(acc),
+                    threshold=float(m.get("threshold", 0.01)), **t)
+    except RuntimeError as e:   # pinv / matmul of mismatched shapes
+        raise ValueError(f"{st}: itlc tensors do not fit together: {e}") from None
 
 
 def _shape(name, t, want):

@@ -1,4 +1,7 @@
-"""`xlkernels shift`: CLAIM-style per-head language shift vectors, saved as a steering plan (shift bank)."""
+"""`xlkernels shift`: language steering fitted on parallel prompts, saved as a steering plan.
+
+--method claim (default): CLAIM-style per-head shift bank; itlc: ITLC residual language vectors (LDA);
+incline: INCLINE per-layer maps W_l from --src to English."""
 import json
 import os
 import sys
@@ -7,16 +10,21 @@ import time
 from .heads import fmt_heads
 from ._common import add_model_arguments, load_corpus, load_model_from_args
 
-HELP = ("compute a language shift bank: per-head mean differences of attention outputs between languages "
-        "over parallel prompts, on the heads a probe (or LAHIS) selects; saved as a steering plan")
+HELP = ("fit language steering on parallel prompts and save it as a steering plan: a CLAIM shift bank (per-head "
+        "mean differences on probe/LAHIS-selected heads), ITLC residual language vectors, or INCLINE maps")
 EXAMPLES = """\
   xlkernels shift                                     # embedded model and corpus, pivot = mean of languages
   xlkernels shift --langs en,de,fr --pivot en --k 24 --alpha 4 --out runs/shift
   xlkernels shift --select importance --importance runs/heads/scores.safetensors
   xlkernels shift --tiny llama --n 16 --no-progress   # random tiny model (smoke test)
+  xlkernels shift --method itlc --langs en,de,fr,ja --alpha 0.5 --out runs/itlc     # LDA language vectors
+  xlkernels shift --method incline --langs en,de --src de --sigma 0.3 --out runs/incline
+  xlkernels shift --tiny llama --method itlc --n 16 --no-progress
   then: xlkernels steer --plan runs/shift --target-lang de --prompt "The weather today is"
-outputs in --out: plan.safetensors + plan.json (shift bank (K, L, H, D), languages, alpha), shift.json
-(selected heads and their probe accuracy or importance per language)
+outputs in --out: plan.safetensors + plan.json, shift.json. claim: shift bank (K, L, H, D), languages, alpha;
+shift.json has the selected heads and their probe accuracy or importance per language. itlc: the ITLC state
+(itlc.* tensors, layer, alpha); shift.json has the probe accuracy and |u_lang|. incline: W (L, E, E), src, sigma;
+shift.json has |W_l| and the fit's relative residual per layer.
 """
 
 
@@ -30,7 +38,9 @@ def add_arguments(p):
                    help="your own ALIGNED texts for LANG (line i = the same prompt in every language)")
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-length", type=int, default=128)
-    a = p.add_argument_group("shift")
+    p.add_argument("--method", default="claim", choices=("claim", "itlc", "incline"),
+                   help="claim: per-head shift bank (default); itlc: residual language vectors; incline: W_l maps")
+    a = p.add_argument_group("shift (--method claim)")
     a.add_argument("--pivot", default="mean", help="'mean' (mean of the languages) or a language: each bank row "
                    "is mean(lang) - mean(pivot) (default mean)")
     a.add_argument("--position", default="last", choices=("last", "mean"),
@@ -42,8 +52,21 @@ def add_arguments(p):
                    help="scores.safetensors written by `xlkernels heads` (for --select importance)")
     a.add_argument("--k", type=int, default=None, help="heads per language (default 5%% of L*H, at least 1)")
     a.add_argument("--train-frac", type=float, default=0.75, help="probe train split (by prompt id)")
-    a.add_argument("--alpha", type=float, default=1.0, help="strength stored in the plan (steer can override)")
+    a.add_argument("--alpha", type=float, default=None, help="strength stored in the plan (steer can override; "
+                   "default 1 for claim, 0.5 for itlc)")
     a.add_argument("--seed", type=int, default=0)
+    t = p.add_argument_group("itlc")
+    t.add_argument("--layer", type=int, default=None, help="hidden_states index to fit and inject after "
+                   "(default num_layers // 2: the output of block layer-1)")
+    t.add_argument("--epochs", type=int, default=10, help="probe epochs (default 10, as the released code)")
+    t.add_argument("--lr", type=float, default=1e-3, help="probe learning rate (default 1e-3)")
+    i = p.add_argument_group("incline")
+    i.add_argument("--src", default=None, help="source language mapped to English (default: the first non-en "
+                   "language of --langs); the corpus must contain en")
+    i.add_argument("--sigma", type=float, default=0.3, help="edit strength stored in the plan (default 0.3; the "
+                   "paper tunes it per task on dev data over -1..1, see incline.select_sigma)")
+    i.add_argument("--site", default="block", choices=("block", "mlp"),
+                   help="representation edited: decoder block output (default) or MLP output (released code)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="xlk_shift", help="output directory (default ./xlk_shift)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -71,6 +94,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.k is not None and args.k < 1:
         raise ValueError("--k must be >= 1")
+    if args.epochs < 1:
+        raise ValueError("--epochs must be >= 1")
     progress = not args.no_progress
     model, tok, name = load_model_from_args(args, progress)
     corpus = load_corpus(args, args.n)
@@ -80,6 +105,8 @@ def run(args) -> int:
         raise ValueError("the texts must be aligned: every language needs the same number of prompts")
     if args.pivot != "mean" and args.pivot not in corpus:
         raise ValueError(f"--pivot must be 'mean' or one of {list(corpus)}, got {args.pivot!r}")
+    if args.method != "claim":
+        return _latent(args, model, tok, name, corpus)
     importance = _importance(args.importance, corpus) if args.select == "importance" else None
     steerer = xlkernels.patch(model)
     steerer.reset()
@@ -96,7 +123,8 @@ def run(args) -> int:
     meta = model_meta(steerer)
     meta.update(model=name, source="xlkernels shift", pivot=args.pivot, position=args.position,
                 select=args.select, probe=args.probe, n=len(next(iter(corpus.values()))))
-    plan = SteeringPlan(shift=bank.bank, alpha=args.alpha, languages=bank.languages, meta=meta)
+    alpha = 1.0 if args.alpha is None else args.alpha
+    plan = SteeringPlan(shift=bank.bank, alpha=alpha, languages=bank.languages, meta=meta)
     os.makedirs(args.out, exist_ok=True)
     plan.save(os.path.join(args.out, "plan.safetensors"))
     info = {"model": name, "pivot": args.pivot, "select": args.select, "seconds": secs, "languages": {}}
@@ -110,6 +138,67 @@ def run(args) -> int:
         info["languages"][x] = {"heads": ids, "scores": sc, "shift_norm": norm}
         mean = sum(sc) / len(sc) if sc else float("nan")
         print(f"{x:<8}{len(ids):>6}{mean:>8.3f}{norm:>9.3f}  {fmt_heads(ids, H) or '-'}")
+    with open(os.path.join(args.out, "shift.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"wrote {args.out}/plan.safetensors, plan.json, shift.json")
+    return 0
+
+
+def _latent(args, model, tok, name, corpus):
+    """--method itlc / incline: fit on the HF model (unpatched) and save the plan."""
+    from xlkernels.analysis.plan import SteeringPlan, model_meta
+
+    meta = model_meta(model)
+    L = meta["num_layers"]
+    meta.update(model=name, source="xlkernels shift", method=args.method, n=len(next(iter(corpus.values()))))
+    n = meta["n"]
+    t0 = time.perf_counter()
+    info = {"model": name, "method": args.method, "languages": list(corpus), "n": n}
+    if args.method == "itlc":
+        from xlkernels.analysis.itlc import ITLC
+        layer = L // 2 if args.layer is None else args.layer
+        if not 1 <= layer <= L - 1:
+            raise ValueError(f"--layer must be in [1, {L - 1}] for this {L}-layer model, got {layer}")
+        print(f"model {name}: ITLC at hidden_states[{layer}]; languages {', '.join(corpus)}; {n} texts each",
+              file=sys.stderr)
+        it = ITLC.fit(model, tok, corpus, layer=layer, batch_size=args.batch_size, max_length=args.max_length,
+                      epochs=args.epochs, lr=args.lr, seed=args.seed)
+        alpha = 0.5 if args.alpha is None else args.alpha
+        plan = SteeringPlan(itlc=it, itlc_alpha=alpha, meta=meta)
+        norms = {x: float(it.back[k].norm()) for k, x in enumerate(it.langs)}
+        info.update(layer=layer, alpha=alpha, u_norm=norms,
+                    accuracy=None if it.accuracy != it.accuracy else it.accuracy,
+                    components=int(it.scalings.shape[1]))
+        print(f"probe accuracy (held out) {it.accuracy:.3f}; {it.scalings.shape[1]} LDA dims; alpha {alpha:g}")
+        for x, v in norms.items():
+            print(f"{x:<8}|u| {v:.3f}  active dims {int(it.active[it.langs.index(x)].sum())}")
+    else:
+        from xlkernels.analysis import latent
+        from xlkernels.analysis.incline import INCLINE
+        if "en" not in corpus:
+            raise ValueError(f"--method incline maps to English: --langs must contain en, got {list(corpus)}")
+        src = args.src or next((x for x in corpus if x != "en"), None)
+        if src not in corpus or src == "en":
+            raise ValueError(f"--src must be a non-English language of {list(corpus)}, got {src!r}")
+        if len(corpus[src]) != len(corpus["en"]):
+            raise ValueError("the texts must be aligned: --src and en need the same number of prompts")
+        print(f"model {name}: INCLINE {src} -> en at every {args.site} output; {n} pairs", file=sys.stderr)
+        inc = INCLINE.fit(model, tok, corpus[src], corpus["en"], site=args.site, n=n, batch_size=args.batch_size,
+                          max_length=args.max_length, src=src)
+        plan = SteeringPlan(incline=inc, sigma=args.sigma, meta=meta)
+        # fit quality on the (unaugmented) pairs: ||X_src W - X_en|| / ||X_en|| per layer
+        kw = dict(site=args.site, batch_size=args.batch_size, max_length=args.max_length)
+        xs = latent.pooled_states(model, tok, corpus[src], **kw)
+        xe = latent.pooled_states(model, tok, corpus["en"], **kw)
+        resid = ((xs @ inc.W - xe).norm(dim=(1, 2)) / xe.norm(dim=(1, 2)).clamp_min(1e-12)).tolist()
+        wn = inc.W.norm(dim=(1, 2)).tolist()
+        info.update(src=src, site=args.site, sigma=args.sigma, W_norm=wn, rel_residual=resid)
+        print(f"{'layer':<6}{'|W|':>9}{'resid':>8}")
+        for l, (a, b) in enumerate(zip(wn, resid)):
+            print(f"{l:<6}{a:>9.3f}{b:>8.3f}")
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    os.makedirs(args.out, exist_ok=True)
+    plan.save(os.path.join(args.out, "plan.safetensors"))
     with open(os.path.join(args.out, "shift.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {args.out}/plan.safetensors, plan.json, shift.json")

@@ -1,4 +1,6 @@
-"""`xlkernels steer`: greedy generation with a saved steering plan (gates, shift bank, neuron deactivations)."""
+"""`xlkernels steer`: greedy generation with a saved steering plan (gates, shift bank, neuron deactivations,
+ITLC residual shift, INCLINE prefill edit)."""
+import contextlib
 import json
 import os
 import sys
@@ -7,14 +9,21 @@ import torch
 
 from ._common import add_model_arguments, load_model_from_args
 
-HELP = "generate (greedy) with a saved steering plan: head gates, a language shift bank, neuron deactivations"
+HELP = ("generate (greedy) with a saved steering plan: head gates, a language shift bank, neuron deactivations, "
+        "ITLC language vectors, INCLINE maps")
 EXAMPLES = """\
   xlkernels steer --plan xlk_shift --target-lang de --prompt "The weather today is"
   xlkernels steer --plan runs/shift/plan.safetensors --target-lang fr --alpha 6 --compare \\
       --prompt "My favourite food is" --prompt "Yesterday I went to"
   xlkernels steer --plan xlk_heads --prompt "Der Himmel ist" --max-new-tokens 30   # gate plan (no bank)
+  xlkernels steer --plan runs/itlc --target-lang de --source-lang en --alpha 0.5 --prompt "The sky is"
+  xlkernels steer --plan runs/itlc --target-lang ja --prompt "Der Himmel ist"   # source = probe's guess
+  xlkernels steer --plan runs/incline --sigma 0.5 --compare --prompt "Der Himmel ist"
   xlkernels steer --tiny llama --plan /tmp/p --target-lang de --prompt hi --no-progress
---target-lang takes one language for all prompts or a comma list with one per prompt (bank plans only).
+--target-lang takes one language for all prompts or a comma list with one per prompt (bank and ITLC plans).
+ITLC adds alpha * (u_target - u_source) after block layer-1 at prompt and generated tokens; without
+--source-lang the source is the ITLC probe's language for each prompt. INCLINE runs a clean pass per prompt,
+then overwrites the last prompt token's state in every layer with h + sigma * h W_l (prefill only).
 """
 
 
@@ -23,8 +32,13 @@ def add_arguments(p):
     s = p.add_argument_group("steering")
     s.add_argument("--plan", required=True, metavar="PATH",
                    help="plan directory or .safetensors written by `xlkernels shift`/`heads` (or SteeringPlan.save)")
-    s.add_argument("--target-lang", default=None, help="bank row(s) to steer toward: LANG or LANG1,LANG2,...")
-    s.add_argument("--alpha", type=float, default=None, help="shift strength (default: the plan's)")
+    s.add_argument("--target-lang", default=None, help="bank row(s) / ITLC language(s) to steer toward: LANG or "
+                   "LANG1,LANG2,...")
+    s.add_argument("--source-lang", default=None, help="ITLC: the prompts' language, LANG or a comma list "
+                   "(default: the ITLC probe's prediction per prompt)")
+    s.add_argument("--alpha", type=float, default=None, help="shift strength for the bank and ITLC "
+                   "(default: the plan's)")
+    s.add_argument("--sigma", type=float, default=None, help="INCLINE edit strength (default: the plan's)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     g.add_argument("prompts", nargs="*", help="more prompts")
@@ -36,16 +50,33 @@ def add_arguments(p):
 
 
 @torch.no_grad()
-def generate(model, tok, prompt, max_new_tokens):
-    """Greedy continuation of one prompt (batch of 1: no padding, no position shift)."""
+def generate(model, tok, prompt, max_new_tokens, ctx=None):
+    """Greedy continuation of one prompt (batch of 1: no padding, no position shift).
+    ctx(batch) -> context manager active during generation (residual steering), or None."""
     enc = tok(prompt, return_tensors="pt")
     dev = next(model.parameters()).device
     ids = enc["input_ids"].to(dev)
     mask = enc.get("attention_mask", torch.ones_like(ids)).to(dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad, num_beams=1, temperature=None, top_p=None, top_k=None)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with (ctx(batch) if ctx else contextlib.nullcontext()):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             num_beams=1, temperature=None, top_p=None, top_k=None)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _per_prompt(value, n, flag):
+    names = value.split(",")
+    if len(names) not in (1, n):
+        raise ValueError(f"{flag} has {len(names)} languages for {n} prompts")
+    return names * n if len(names) == 1 else names
+
+
+def detect_language(model, tok, itlc, prompt):
+    """The ITLC probe's language for one prompt (mean-pooled hidden_states[itlc.layer])."""
+    from xlkernels.analysis.align import embed
+    x = embed(model, tok, [prompt], "mean", batch_size=1)[itlc.layer]
+    return itlc.langs[int(itlc.predict(x)[0])]
 
 
 def run(args) -> int:
@@ -62,17 +93,36 @@ def run(args) -> int:
     steerer = xlkernels.patch(model)
     plan = SteeringPlan.load(os.path.expanduser(args.plan), model=steerer)
     bank = plan.shift is not None and plan.shift.dim() == 4
+    itlc = plan.itlc
     targets = [None] * len(prompts)
-    if bank:
+    if bank or itlc is not None:
+        have = sorted(set(plan.languages) | set(itlc.langs if itlc is not None else []))
         if not args.target_lang:
-            raise ValueError(f"the plan holds a shift bank: pick --target-lang from {plan.languages}")
-        names = args.target_lang.split(",")
-        if len(names) not in (1, len(prompts)):
-            raise ValueError(f"--target-lang has {len(names)} languages for {len(prompts)} prompts")
-        targets = names * len(prompts) if len(names) == 1 else names
+            raise ValueError(f"the plan holds a {'shift bank' if bank else 'ITLC fit'}: pick --target-lang "
+                             f"from {have}")
+        targets = _per_prompt(args.target_lang, len(prompts), "--target-lang")
+        for lang in targets:
+            if itlc is not None and lang not in itlc.langs:
+                raise ValueError(f"--target-lang {lang!r} is not in the plan's ITLC languages {itlc.langs}")
     elif args.target_lang:
-        print("note: the plan has no shift bank; --target-lang is ignored", file=sys.stderr)
+        print("note: the plan has no shift bank or ITLC fit; --target-lang is ignored", file=sys.stderr)
+    sources = [None] * len(prompts)
+    if itlc is not None:
+        if args.source_lang:
+            sources = _per_prompt(args.source_lang, len(prompts), "--source-lang")
+            bad = [x for x in sources if x not in itlc.langs]
+            if bad:
+                raise ValueError(f"--source-lang {bad} is not in the plan's ITLC languages {itlc.langs}")
+        else:
+            steerer.reset()
+            sources = [detect_language(model, tok, itlc, p) for p in prompts]
+    elif args.source_lang:
+        print("note: the plan has no ITLC fit; --source-lang is ignored", file=sys.stderr)
+    if args.sigma is not None and plan.incline is None:
+        print("note: the plan has no INCLINE maps; --sigma is ignored", file=sys.stderr)
     alpha = plan.alpha if args.alpha is None else args.alpha
+    itlc_alpha = plan.itlc_alpha if args.alpha is None else args.alpha
+    sigma = plan.sigma if args.sigma is None else args.sigma
     desc = []
     if plan.gate is not None:
         desc.append(f"gate on {int((plan.gate != 1).sum())} heads")
@@ -80,29 +130,43 @@ def run(args) -> int:
         desc.append(f"shift {'bank ' + ','.join(plan.languages) if bank else 'vector'} alpha={alpha:g}")
     if plan.neurons:
         desc.append(f"{sum(v.numel() for v in plan.neurons.values())} neurons off")
+    if itlc is not None:
+        desc.append(f"ITLC at block {itlc.layer - 1} ({','.join(itlc.langs)}) alpha={itlc_alpha:g}")
+    if plan.incline is not None:
+        desc.append(f"INCLINE {plan.incline.src}->en ({plan.incline.site}) sigma={sigma:g}")
     print(f"model {name}; plan: {'; '.join(desc) or 'empty'}", file=sys.stderr)
+    latent = itlc is not None or plan.incline is not None
     rows = []
-    for prompt, target in zip(prompts, targets):
+    for prompt, target, source in zip(prompts, targets, sources):
         row = {"prompt": prompt, "target": target}
+        if itlc is not None:
+            row["source"] = source
         if args.compare:
             steerer.reset()
             row["plain"] = generate(model, tok, prompt, args.max_new_tokens)
         steerer.reset()
-        plan.apply(steerer, target=[target] if target else None, alpha=alpha)
+        plan.apply(steerer, target=[target] if target and bank else None, alpha=alpha)
+        def ctx(batch, target=target, source=source):
+            return plan.inject(model, batch, target=target, source=source, alpha=itlc_alpha, sigma=sigma)
         try:
-            row["steered"] = generate(model, tok, prompt, args.max_new_tokens)
+            row["steered"] = generate(model, tok, prompt, args.max_new_tokens, ctx if latent else None)
         finally:
             steerer.reset()
         rows.append(row)
-        head = f"[{target}] " if target else ""
+        head = f"[{source + '->' if source else ''}{target}] " if target else ""
         print(f"{head}{prompt!r}")
         if args.compare:
             print(f"  plain:   {row['plain']!r}")
         print(f"  steered: {row['steered']!r}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        res = {"model": name, "plan": args.plan, "alpha": alpha, "max_new_tokens": args.max_new_tokens,
+               "results": rows}
+        if itlc is not None:
+            res["itlc_alpha"] = itlc_alpha
+        if plan.incline is not None:
+            res["sigma"] = sigma
         with open(os.path.join(args.out, "steer.json"), "w") as f:
-            json.dump({"model": name, "plan": args.plan, "alpha": alpha, "max_new_tokens": args.max_new_tokens,
-                       "results": rows}, f, indent=1, ensure_ascii=False)
+            json.dump(res, f, indent=1, ensure_ascii=False)
         print(f"wrote {args.out}/steer.json")
     return 0
