@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..hf.archs import find_layers
+
 MODES = ("gradient", "paper")
 
 
@@ -255,16 +257,10 @@ def _paper_accumulate(acc: LahisAccumulator, m: torch.Tensor):
 # ---------------------------------------------------------------------------------------------- hook path
 def decoder_layers(model):
     """The decoder layer list of an HF causal LM (model.model.layers, or a nested language_model)."""
-    base = getattr(model, "model", model)
-    for path in ("layers", "language_model.layers", "decoder.layers"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    raise ValueError(f"model of type {type(model).__name__} has no decoder layer list")
+    layers = find_layers(model)
+    if layers is None:
+        raise ValueError(f"model of type {type(model).__name__} has no decoder layer list")
+    return layers
 
 
 @contextlib.contextmanager

@@ -15,14 +15,10 @@ import contextlib
 import torch
 
 from .align import _no_logits, pool, position_ids
+from .heads import decoder_layers
 
 SITES = ("block", "mlp")
 STRATEGIES = ("prompt_only", "gen_only", "prompt_and_gen")
-
-
-def decoder_layers(model):
-    from xlkernels.hf.archs import resolve
-    return resolve(model)[2]
 
 
 def _module(model, layer, site):

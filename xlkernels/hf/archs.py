@@ -34,7 +34,7 @@ ARCHS = {
 }
 
 # Where the decoder layers of the text model may live, tried in order.
-LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.layers", "layers")
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.layers", "model.decoder.layers", "layers")
 
 
 def activation_name(act: nn.Module) -> "str | None":
@@ -58,6 +58,11 @@ def _get(obj, path):
     return obj
 
 
+def find_layers(model: nn.Module) -> "nn.ModuleList | None":
+    """The decoder layer list of a text model (any architecture), or None."""
+    return next((x for x in (_get(model, p) for p in LAYER_PATHS) if isinstance(x, nn.ModuleList)), None)
+
+
 def resolve(model: nn.Module):
     """(arch, text_config, layers) for `model`; raises ValueError naming what is missing."""
     cls = type(model).__name__
@@ -71,7 +76,7 @@ def resolve(model: nn.Module):
         raise ValueError(
             f"xlkernels.patch: unsupported model {cls} (model_type {mtype!r}): no entry in the architecture table "
             f"xlkernels.hf.archs.ARCHS (supported: {', '.join(sorted(ARCHS))})")
-    layers = next((x for x in (_get(model, p) for p in LAYER_PATHS) if isinstance(x, nn.ModuleList)), None)
+    layers = find_layers(model)
     if layers is None:
         raise ValueError(f"xlkernels.patch: {cls}: decoder layers not found at any of {LAYER_PATHS}")
     for i, layer in enumerate(layers):
