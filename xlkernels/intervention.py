@@ -33,6 +33,16 @@ def _check_num(num_neurons) -> int:
     return num_neurons
 
 
+def _per_index(x, k: int, name: str) -> torch.Tensor:
+    """`x` as float32 of shape (K,) or (G, K); a scalar is broadcast to (K,)."""
+    x = torch.as_tensor(x, dtype=torch.float32).cpu()
+    if x.dim() == 0:
+        x = x.expand(k)
+    if x.shape[-1:] != (k,) or x.dim() > 2:
+        raise ValueError(f"{name} must be a scalar or have shape ({k},) or (G, {k}), got {tuple(x.shape)}")
+    return x
+
+
 class NeuronIntervention:
     """act' = act * mul + add on FFN neurons; see the module docstring for group and gradient semantics."""
 
@@ -72,11 +82,7 @@ class NeuronIntervention:
     def set(cls, indices, values, num_neurons: int, device="cpu") -> "NeuronIntervention":
         """act'[idx] = values; values (K,) for every row or (G, K) per group (then a (G, I) intervention)."""
         idx = _indices(indices, _check_num(num_neurons))
-        values = torch.as_tensor(values, dtype=torch.float32).cpu()
-        if values.dim() == 0:
-            values = values.expand(idx.numel())
-        if values.shape[-1:] != (idx.numel(),) or values.dim() > 2:
-            raise ValueError(f"values must have shape ({idx.numel()},) or (G, {idx.numel()}), got {tuple(values.shape)}")
+        values = _per_index(values, idx.numel(), "values")
         lead = values.shape[:-1]
         mul = torch.ones(*lead, num_neurons)
         add = torch.zeros(*lead, num_neurons)
@@ -88,12 +94,7 @@ class NeuronIntervention:
     def scale(cls, indices, factor, num_neurons: int, device="cpu") -> "NeuronIntervention":
         """act'[idx] = act[idx] * factor; factor scalar, (K,) or (G, K)."""
         idx = _indices(indices, _check_num(num_neurons))
-        factor = torch.as_tensor(factor, dtype=torch.float32).cpu()
-        if factor.dim() == 0:
-            factor = factor.expand(idx.numel())
-        if factor.shape[-1:] != (idx.numel(),) or factor.dim() > 2:
-            raise ValueError(f"factor must be a scalar or have shape ({idx.numel()},) or (G, {idx.numel()}), "
-                             f"got {tuple(factor.shape)}")
+        factor = _per_index(factor, idx.numel(), "factor")
         mul = torch.ones(*factor.shape[:-1], num_neurons)
         mul[..., idx] = factor
         return cls(mul.to(device), torch.zeros_like(mul, device=device))
