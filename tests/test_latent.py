@@ -283,3 +283,26 @@ def test_itlc_and_incline_on_real_model():
     assert inc.W.shape == (18, 640, 640) and torch.isfinite(inc.W).all()
     out = inc.generate(model, b, 0.3, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == b["input_ids"].shape[1] + 4
+
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache", "kv_cache_renamed"])
+def test_prefill_is_read_from_the_cache_whatever_its_keyword(name):
+    """transformers 5.24 renamed past_key_values to cache; the prefill flag must not depend on the name."""
+    from transformers import DynamicCache
+    model, tok = tiny_model("llama")
+    ids = _batch(tok)["input_ids"]
+    cache = DynamicCache(config=model.config)
+    state = latent._State()
+    hook = latent._pre_hook(state)
+    hook(model, (), {"input_ids": ids, name: cache})
+    assert state.prefill  # an empty cache: prefill
+    kv = torch.randn(ids.shape[0], 2, ids.shape[1], 16)
+    for layer in range(model.config.num_hidden_layers):
+        cache.update(kv, kv, layer)
+    hook(model, (), {"input_ids": ids[:, -1:], name: cache})
+    assert not state.prefill
+    hook(model, (ids[:, -1:], None, None, cache), {})  # passed by position
+    assert not state.prefill
+    hook(model, (ids[:, -1:],), {})
+    assert state.prefill  # no cache at all: a plain forward counts as a prefill

@@ -1,7 +1,8 @@
 """Residual-stream (or MLP-output) injection for latent steering (ITLC, INCLINE) and capture.
 
 `inject(model, add=..., set_last=...)` installs ONE forward hook per touched layer plus one forward
-pre-hook on the model (to read the batch's attention mask and whether the call is a prefill); each layer
+pre-hook on the model (to read the batch's attention mask and whether the call is a prefill: the KV cache
+is found by type, not by keyword name, which transformers has changed); each layer
 hook is a whole-tensor op on (B, T, D): `addcmul(h, mask, shift)` for additive shifts, `index_put` at
 the last prompt position for overwrites. No Python work per token.
 
@@ -43,9 +44,20 @@ def _pre_hook(state):
         T = ids.shape[1] if ids is not None else emb.shape[1]
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         state.mask = mask[:, -T:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        past = kwargs.get("past_key_values")
+        past = find_cache(args, kwargs)
         state.prefill = past is None or past.get_seq_length() == 0
     return hook
+
+
+def find_cache(args, kwargs):
+    """The KV cache passed to a forward, found by type: its keyword has been renamed across transformers
+    releases (`past_key_values`, then `cache` in 5.24), so no keyword name is relied on."""
+    from transformers.cache_utils import Cache
+
+    for v in (*kwargs.values(), *args):
+        if isinstance(v, Cache):
+            return v
+    return None
 
 
 def _split(output):
