@@ -7,9 +7,9 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 
-.PHONY: build test demo cuda-check cmake-check bench clean
+.PHONY: build test test-latest demo cuda-check cmake-check bench clean
 
-$(STAMP): $(SOURCES) requirements.txt scripts/setup_env.sh
+$(STAMP): $(SOURCES) requirements.txt constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
 	touch $@
 
@@ -18,6 +18,13 @@ build: $(STAMP)
 # Tests run the triton kernels in the interpreter unless a GPU is present; two workers when pytest-xdist is there.
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 $$($(PY) -c 'import xdist' 2>/dev/null && echo --numprocesses=2 --dist=loadfile) $(PYTEST_ARGS)
+
+# Drift check: the newest releases requirements.txt allows, in .venv-latest (not in CI: an upstream release must
+# not block a landing). After it passes, review .venv-latest/.xlk-versions.txt into constraints.txt.
+test-latest:
+	LATEST=1 VENV=.venv-latest bash scripts/setup_env.sh
+	@echo "testing against:"; grep -iE '^(transformers|accelerate|safetensors|numpy|triton|gguf|tokenizers|huggingface.hub)==' .venv-latest/.xlk-versions.txt
+	.venv-latest/bin/python -m pytest -q -ra $$(.venv-latest/bin/python -c 'import xdist' 2>/dev/null && echo --numprocesses=2 --dist=loadfile) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/xlkernels demo
@@ -41,4 +48,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run_all
 
 clean:
-	rm -rf build dist *.egg-info xlkernels/*.so $(VENV)
+	rm -rf build dist *.egg-info xlkernels/*.so $(VENV) .venv-latest

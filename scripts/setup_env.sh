@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and build xlkernels into it.
+# Create a venv and build xlkernels into it.
 # - Where torch is already installed (the GPU machine, no registry): reuse it via --system-site-packages.
-# - Elsewhere: pin the CPU build torch==2.13.0 and install the rest from PyPI.
+# - Elsewhere: the CPU build torch==2.13.0 and the tested set of versions in constraints.txt.
+# - LATEST=1 (make test-latest): the newest releases requirements.txt allows instead of the tested set
+#   (torch stays the CPU build 2.13.0: a newer torch on PyPI is a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,12 +16,19 @@ if [[ ! -x $VENV/bin/python ]]; then
   fi
 fi
 VPY=$VENV/bin/python
+if [[ ${LATEST:-0} == 1 ]]; then
+  echo "torch==2.13.0" > "$VENV/.xlk-torch-pin.txt"
+  pins=(-c "$VENV/.xlk-torch-pin.txt" --upgrade --upgrade-strategy eager)
+else
+  pins=(-c constraints.txt)
+fi
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q torch==2.13.0
+  "$VPY" -m pip install -q "${pins[@]}" pip
+  "$VPY" -m pip install -q "${pins[@]}" torch==2.13.0
 fi
 if [[ ${XLKERNELS_OFFLINE:-0} != 1 ]] && "$VPY" -m pip download -q --no-deps -d /tmp/xlk-probe pip >/dev/null 2>&1; then
-  "$VPY" -m pip install -q -r requirements.txt
+  "$VPY" -m pip install -q "${pins[@]}" -r requirements.txt
 fi
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import xlkernels, sys; sys.exit(0 if xlkernels.ext_info()['cpu'] else 1)" || { echo "xlkernels._C (CPU) failed to build" >&2; exit 1; }
+"$VPY" -m pip freeze --exclude-editable > "$VENV/.xlk-versions.txt"
