@@ -352,3 +352,21 @@ def test_gpu_opcheck(names):
     torch.library.opcheck(ops[1], (gate.detach(), up.detach(), "gelu_tanh", ids, iv.mul, iv.add, s.tokens,
                                    s.positive, s.sum, s.sum_sq, s.max))
     torch.library.opcheck(ops[2], (torch.randn_like(gate), gate.detach(), up.detach(), "silu", ids, iv.mul, iv.add))
+
+
+@pytest.mark.parametrize("backend", HERE)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_infinite_gates_match_reference(backend, act):
+    """act(-inf) = -inf * 0 = NaN and act(+inf) = +inf in every backend, as in the float64 reference."""
+    gate, up, _ = inputs((3, 37), torch.float32)
+    gate[0, 1], gate[1, 5], gate[2, 36], gate[2, 0] = float("-inf"), float("inf"), float("-inf"), -120.0
+    ids = torch.tensor([0, 1, 0])
+    stats = NeuronStats.empty(2, 37)
+    with xlkernels.backend(backend):
+        out = xlkernels.glu(gate, up, act, stats=stats, group_ids=ids)
+    want, a = rg.glu(gate.double(), up.double(), act)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    fin = want.isfinite()
+    assert torch.allclose(out[fin].double(), want[fin], rtol=1e-5, atol=1e-6)
+    ref = {k: v for k, v in rn.neuron_stats(a, ids, 2).items()}
+    assert torch.equal(stats.max.isnan(), ref["max"].isnan()) and torch.equal(stats.sum.isnan(), ref["sum"].isnan())

@@ -106,10 +106,70 @@ def test_save_load_roundtrip_and_validation(tmp_path):
         NeuronStats.load(tmp_path / "other.safetensors")
 
 
+def _neg_nan():
+    """NaN as x86 arithmetic makes it: sign bit set (0xffc00000), unlike float("nan")."""
+    x = torch.tensor([float("inf")]) - float("inf")
+    assert x.view(torch.int32).item() < 0
+    return x
+
+
+def _is_canonical_nan(t):
+    return bool(torch.isnan(t).all()) and bool((t.view(torch.int32) == 0x7FC00000).all())
+
+
+BACKENDS = ["cpu", "triton", "reference"]
+
+
+@pytest.mark.parametrize("first", BACKENDS)
+@pytest.mark.parametrize("then", BACKENDS)
+@pytest.mark.parametrize("op", ["neuron_stats", "glu"])
+def test_max_nan_survives_mixed_backends(first, then, op):
+    """A NaN accumulated on one backend stays NaN when another backend adds larger values (issue: cpu's negative
+    NaN, then 2.0 on triton, gave max 2.0 while sum was NaN)."""
+    import xlkernels
+    n, I = 5, 9
+    ids = torch.zeros(n, dtype=torch.long)
+
+    def run(backend, act):
+        with xlkernels.backend(backend):
+            if op == "neuron_stats":
+                xlkernels.neuron_stats(act, ids, 1, stats=st)
+            else:  # silu(g) * u with u = 1: the activation is silu(g); inf - inf in g gives a NaN activation
+                xlkernels.glu(act, torch.ones_like(act), "silu", stats=st, group_ids=ids)
+    st = NeuronStats.empty(1, I)
+    act = torch.randn(n, I)
+    act[2, 4] = _neg_nan()
+    run(first, act)
+    assert _is_canonical_nan(st.max[0, 4]) and st.sum[0, 4].isnan()
+    run(then, torch.full((n, I), 2.0) + torch.rand(n, I))
+    assert _is_canonical_nan(st.max[0, 4]), st.max[0, 4]
+    assert st.sum[0, 4].isnan() and not st.max[0, :4].isnan().any()
+
+
+def test_merge_and_load_canonicalise_nan(tmp_path):
+    from safetensors.torch import save_file
+    a = NeuronStats.empty(1, 3)
+    a.max.copy_(torch.tensor([[1.0, 1.0, 1.0]]))
+    b = NeuronStats.empty(1, 3)
+    b.max[0, 1] = _neg_nan()[0]
+    m = a.clone().merge(b)
+    assert _is_canonical_nan(m.max[0, 1]) and m.max[0, 0] == 1.0
+    m = b.clone().merge(a)
+    assert _is_canonical_nan(m.max[0, 1]) and m.max[0, 0] == 1.0
+    save_file({f: getattr(b, f) for f in ("tokens", "positive", "sum", "sum_sq", "max")},
+              str(tmp_path / "s.safetensors"), metadata={"format": "xlkernels.NeuronStats"})
+    assert _is_canonical_nan(NeuronStats.load(tmp_path / "s.safetensors").max[0, 1])
+
+
 def _worker(rank, path, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     s = random_stats(seed=10 + rank)[0]
+    if rank == 1:
+        s.max[1, 2] = _neg_nan()[0]  # NaN on one rank only, a larger number on the other
+        s.max[0, 0] = float("nan")
+    else:
+        s.max[1, 2] = 1e30
     s.all_reduce()
     if rank == 0:
         s.save(out)
@@ -122,8 +182,10 @@ def test_all_reduce_two_ranks(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     got = NeuronStats.load(out)
     want = random_stats(seed=10)[0].merge(random_stats(seed=11)[0])
+    want.max[1, 2] = want.max[0, 0] = float("nan")
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.positive, want.positive)
-    assert torch.equal(got.max, want.max) and torch.allclose(got.sum, want.sum, rtol=1e-13)
+    assert torch.allclose(got.max, want.max, rtol=0, atol=0, equal_nan=True)
+    assert _is_canonical_nan(got.max[1, 2]) and torch.allclose(got.sum, want.sum, rtol=1e-13)
 
 
 # ---- NeuronIntervention -----------------------------------------------------------------------------------------

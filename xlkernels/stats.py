@@ -121,8 +121,8 @@ class NeuronStats:
             raise ValueError(f"other is on {other.device}, self on {self.device}")
         for f in ("tokens", "positive", "sum", "sum_sq"):
             getattr(self, f).add_(getattr(other, f))
-        m = torch.maximum(self.max, other.max)  # propagates NaN
-        self.max.copy_(m)
+        torch.maximum(self.max, other.max, out=self.max)  # propagates NaN
+        _canonical_nan_(self.max)
         return self
 
     def all_reduce(self, group=None) -> "NeuronStats":
@@ -130,7 +130,11 @@ class NeuronStats:
         import torch.distributed as dist
         for f in ("tokens", "positive", "sum", "sum_sq"):
             dist.all_reduce(getattr(self, f), op=dist.ReduceOp.SUM, group=group)
+        nan = torch.isnan(self.max).to(torch.int32)  # backends' MAX need not propagate NaN: reduce it apart
+        dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=group)
+        self.max.masked_fill_(nan.bool(), float("-inf"))
         dist.all_reduce(self.max, op=dist.ReduceOp.MAX, group=group)
+        self.max.masked_fill_(nan.bool(), float("nan"))
         return self
 
     def clone(self) -> "NeuronStats":
@@ -184,8 +188,15 @@ class NeuronStats:
                 raise ValueError(f"{path} holds tensors {sorted(keys)}, expected {sorted(FIELDS)}")
             tensors = {k: f.get_tensor(k) for k in FIELDS}
         stats = cls(**tensors)
+        _canonical_nan_(stats.max)  # files from other writers may hold x86's negative NaN
         return stats.to(device) if torch.device(device) != stats.device else stats
 
     def __repr__(self) -> str:
         return (f"NeuronStats(shape={tuple(self.sum.shape)}, tokens={self.tokens.sum().item()}, "
                 f"device={self.device})")
+
+
+def _canonical_nan_(t: torch.Tensor) -> torch.Tensor:
+    """Every NaN as the one quiet NaN 0x7fc00000 (in place). The GPU kernels keep a stored NaN through their
+    ordered-int atomic max only in that bit pattern; x86 arithmetic makes 0xffc00000, which they rank below 0."""
+    return t.masked_fill_(torch.isnan(t), float("nan"))

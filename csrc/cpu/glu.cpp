@@ -14,10 +14,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 
 #include "../xlk_checks.h"
+#include "nan.h"
 
 TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
   m.def("glu_fwd(Tensor gate, Tensor up, str activation, Tensor? group_ids, Tensor? mul, Tensor? add) -> Tensor");

@@ -42,8 +42,10 @@ inline c10::Half st<c10::Half>(float f) {
 #endif
 
 // exp(x) for x in float range: 2^round(x*log2e) * poly(2^f); branch-free so the loops vectorize. NaN in -> garbage
-// out, but every caller multiplies by x, so NaN still propagates.
+// out, but every caller multiplies by x, so NaN still propagates. Past 88.5 it is +inf, so that sigmoid(-inf) is 0
+// and silu/gelu(-inf) = -inf * 0 = NaN, as in the reference and the GPU kernels.
 inline float xexp(float x) {
+  const float over = x > 88.5f ? std::numeric_limits<float>::infinity() : 1.0f;
   x = x < -87.0f ? -87.0f : x;
   x = x > 87.0f ? 87.0f : x;
   const float t = x * 1.4426950408889634f;
@@ -60,7 +62,7 @@ inline float xexp(float x) {
   const int32_t bits = (i + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
+  return p * scale * over;
 }
 
 // s = sigmoid of the activation's inner argument: silu(x) = x*s(x); gelu_tanh(x) = x*s(2u), u = k(x + c x^3).
@@ -101,7 +103,7 @@ void fwd_rows(const T* gate, const T* up, T* out, const Args& a, int64_t r0, int
         s[j] += d;
         q[j] += d * d;
       }
-      for (int64_t j = 0; j < w; ++j) m[j] = (v[j] > m[j] || v[j] != v[j]) ? v[j] : m[j];
+      for (int64_t j = 0; j < w; ++j) m[j] = xlk::max_keep_nan(m[j], v[j]);
     }
     const float* __restrict__ mm = a.mrow(g);
     if (mm) {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "../xlk_checks.h"
+#include "nan.h"
 
 TORCH_LIBRARY_FRAGMENT(xlkernels, m) {
   m.def(
@@ -51,7 +52,7 @@ void accum_block(const T* __restrict__ act, const int64_t* __restrict__ ids, int
       s[j] += d;
       q[j] += d * d;
     }
-    for (int64_t j = 0; j < w; ++j) m[j] = (v[j] > m[j] || v[j] != v[j]) ? v[j] : m[j];
+    for (int64_t j = 0; j < w; ++j) m[j] = xlk::max_keep_nan(m[j], v[j]);
   }
 }
 
