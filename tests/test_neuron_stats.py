@@ -7,8 +7,8 @@ import xlkernels.ops.neuron_stats  # noqa: F401 (registers the op's backends)
 from xlkernels import NeuronStats, backends
 from xlkernels.reference import neuron_stats as ref
 
-HERE = [b for b in ("cpu", "triton", "reference") if backends.why_not("neuron_stats", b, torch.device("cpu")) is None
-        or b == "reference"]
+# The kernels under test (the reference backend is the ground truth itself; conftest fails the run without _C).
+HERE = ["cpu"] + [b for b in ("triton",) if backends.why_not("neuron_stats", b, torch.device("cpu")) is None]
 FIELDS = ("tokens", "positive", "sum", "sum_sq", "max")
 
 
@@ -152,8 +152,6 @@ def test_nan_policy(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_float64_accumulation_precision(backend):
-    if backend not in HERE:
-        pytest.skip("extension not built")
     n = 1_000_000
     act = torch.full((n, 2), 0.1)  # fp32 0.1; a float32 running sum would drift by ~1e-3 relative
     got = run(backend, act, torch.zeros(n, dtype=torch.long), 1)

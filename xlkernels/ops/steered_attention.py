@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _checks, backends
 from ..reference import attention as ref
+from . import sdpa_steer
 
 OP = "steered_attention"
 backends.register_op(OP, ("cuda", "triton", "cpu", "reference"))
@@ -119,30 +120,7 @@ def _head_steer(o_bthd, gate, shift):
 
 
 def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_window, softcap):
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    if softcap is not None:
-        # SDPA has no softcap: use math attention in the input dtype.
-        o = ref.attention_raw(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                              sliding_window=sliding_window, softcap=softcap)
-    else:
-        # plain causal with T == S (prefill) or T == 1 (decode: the last position sees every key) needs no mask
-        # tensor, which keeps SDPA on its flash/cuDNN kernels
-        simple = key_padding_mask is None and sliding_window is None and (not causal or T == S or T == 1)
-        if simple:
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=causal and T > 1, scale=scale, enable_gqa=k.shape[1] != H)
-            return _epilogue(o, gate, shift)
-        mask = ref.full_mask(B, T, S, causal, sliding_window, key_padding_mask, q.device)
-        empty = None
-        if mask is not None:
-            # rows that see no key: let them see everything (no NaN anywhere), then zero them
-            empty = ~mask.any(dim=-1, keepdim=True)  # (B,1,T,1)
-            mask = mask | empty
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
-        if empty is not None:
-            o = o.masked_fill(empty, 0.0)
+    o = sdpa_steer.attention(q, k, v, causal, scale, key_padding_mask, sliding_window, softcap)
     return _epilogue(o, gate, shift)
 
 
@@ -151,10 +129,8 @@ def _epilogue(o, gate, shift):
     if gate is None and shift is None:
         return o
     if o.dtype == torch.float64:  # head_steer has no float64 kernel
-        g = ref.expand_gate(gate, B, H, o.dtype)
-        sh = ref.expand_shift(shift, B, H, D, o.dtype)
-        o = o if g is None else o * g[:, :, None, None]
-        return o if sh is None else o + sh[:, :, None, :]
+        o = o if gate is None else o * gate.to(o.dtype).expand(B, H)[:, :, None, None]
+        return o if shift is None else o + shift.to(o.dtype).expand(B, H, D)[:, :, None, :]
     return _head_steer(o.transpose(1, 2), gate, shift).transpose(1, 2)
 
 
