@@ -44,6 +44,12 @@ cmake-check: $(STAMP)
 	cmake --build build/cmake -j2
 	$(PY) scripts/check_cmake_build.py build/cmake
 
+# The whole extension (CPU + CUDA kernels, sm_80/sm_90) against the CUDA build of torch 2.14.1, in its own venv
+# (.venv-cuda, reused) and out of tree (build/cuda); then a fresh process checks every op has a CUDA kernel. No GPU.
+.PHONY: cuda-build
+cuda-build:
+	bash scripts/cuda_build.sh
+
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "glu.h"
+#include "launch.h"
 #include "neuron_stats.h"
 
 namespace xlk {
@@ -157,14 +158,10 @@ __global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ gat
 
 template <typename T, int V, int ACT>
 cudaError_t fwd_launch(const void* gate, const void* up, void* out, const GluArgs& a, int num_sms, cudaStream_t st) {
-  const int64_t gx = (a.nn + int64_t(kThreads) * V - 1) / (int64_t(kThreads) * V);
-  int64_t chunks = (int64_t(num_sms) * 8 + gx - 1) / gx;
-  const int64_t max_chunks = (a.n + 15) / 16;
-  if (chunks > max_chunks) chunks = max_chunks;
-  if (chunks > 65535) chunks = 65535;
-  if (chunks < 1) chunks = 1;
-  const int64_t rows = (a.n + chunks - 1) / chunks;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>((a.n + rows - 1) / rows));
+  const launch::RowGrid rg = launch::row_grid(a.n, a.nn, int64_t(kThreads) * V, int64_t(num_sms) * 8, 16);
+  if (rg.x == 0) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(rg.x), static_cast<unsigned>(rg.y));
+  const int64_t rows = rg.rows;
   const T* g = static_cast<const T*>(gate);
   const T* u = static_cast<const T*>(up);
   T* o = static_cast<T*>(out);
@@ -177,9 +174,7 @@ template <typename T, int V, int ACT>
 cudaError_t bwd_launch(const void* grad, const void* gate, const void* up, void* dgate, void* dup, const GluArgs& a,
                        int num_sms, cudaStream_t st) {
   const int64_t total = a.n * ((a.nn + V - 1) / V);
-  int64_t blocks = (total + 255) / 256;
-  if (blocks > int64_t(num_sms) * 16) blocks = int64_t(num_sms) * 16;
-  if (blocks < 1) blocks = 1;
+  const int64_t blocks = launch::stride_blocks(total, 256, int64_t(num_sms) * 16);
   bwd_kernel<T, V, ACT><<<static_cast<unsigned>(blocks), 256, 0, st>>>(
       static_cast<const T*>(grad), static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(dgate),
       static_cast<T*>(dup), a);

@@ -1,12 +1,13 @@
 // head_steer CUDA kernels (torch-free): out = gate[b,h] * o[b,t,h,:] + shift[b,h,:], exactly shift where
 // gate == 0. Element access is vectorised (up to 16 bytes per load/store) when D, the strides of o and the
-// pointers allow it. Backward: one block per (b*H + h, chunk of t); the per-(b,h) sums are reduced in the
-// block and added with one fp32 atomic per (b,h,d) and per (b,h) for each chunk.
+// pointers allow it. Backward: blocks over (b*H + h, chunk of t), any D (launch shapes: launch.h); the
+// per-(b,h) sums are reduced in the block and added with one fp32 atomic per (b,h,d) and per (b,h) per chunk.
 #include <cstdint>
 #include <type_traits>
 
 #include "common.cuh"
 #include "head_steer.h"
+#include "launch.h"
 
 namespace xlk {
 namespace {
@@ -60,91 +61,102 @@ __global__ void fwd_kernel(const T* __restrict__ o, T* __restrict__ out, const f
   }
 }
 
-// Block: C = D/V columns x R rows in flight (threads beyond C*R idle, blockDim a multiple of 32).
-// Shared memory: blockDim*V floats (shift partials) + 32 floats (gate warp sums).
+// Block: `cols` threads per row of the nv = D/V vectors, which they walk in tiles of `cols`, x `rows` rows of T in
+// flight (threads beyond cols*rows idle; blockDim is a multiple of 32). blockIdx.x strides over b*H + h,
+// blockIdx.y is a chunk of T. Shared memory: blockDim*V floats (shift partials) + 32 floats (gate warp sums).
+// Up to 1024 threads (launch.h), hence the launch bounds (at most 64 registers).
 template <typename T, int V>
-__global__ void bwd_kernel(const T* __restrict__ grad, const T* __restrict__ o, const float* __restrict__ gate,
-                           T* __restrict__ grad_o, float* __restrict__ ggate, int64_t ggate_bs,
-                           float* __restrict__ gshift, int64_t gshift_bs, SteerShape s, int64_t chunk) {
+__global__ void __launch_bounds__(1024)
+    bwd_kernel(const T* __restrict__ grad, const T* __restrict__ o, const float* __restrict__ gate,
+               T* __restrict__ grad_o, float* __restrict__ ggate, int64_t ggate_bs, float* __restrict__ gshift,
+               int64_t gshift_bs, SteerShape s, int cols, int rows, int64_t chunk) {
   extern __shared__ float smem[];
   float* warp_sums = smem + static_cast<int64_t>(blockDim.x) * V;
-  const int C = static_cast<int>(s.D / V);
-  const int R = static_cast<int>(blockDim.x) / C;
+  const int64_t nv = s.D / V;
   const int tid = static_cast<int>(threadIdx.x);
-  const bool active = tid < C * R;
-  const int col = tid % C, rl = tid / C;
-  const int64_t bh = blockIdx.x, b = bh / s.H, h = bh % s.H;
+  const int col = tid % cols, rl = tid / cols;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t t1 = t0 + chunk < s.T ? t0 + chunk : s.T;
-  const float g = gate ? gate[b * s.gate_bs + h] : 1.f;
-  const int64_t d = static_cast<int64_t>(col) * V;
-  float acc_s[V];
+  for (int64_t bh = blockIdx.x; bh < s.B * s.H; bh += gridDim.x) {
+    const int64_t b = bh / s.H, h = bh % s.H;
+    const float g = gate ? gate[b * s.gate_bs + h] : 1.f;
+    float acc_g = 0.f;
+    for (int64_t c0 = 0; c0 < nv; c0 += cols) {  // uniform across the block
+      const bool active = rl < rows && c0 + col < nv;
+      const int64_t d = (c0 + col) * V;
+      float acc_s[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) acc_s[j] = 0.f;
-  float acc_g = 0.f;
-  if (active) {
-    for (int64_t t = t0 + rl; t < t1; t += R) {
-      const int64_t r = ((b * s.T + t) * s.H + h) * s.D + d;
-      const Pack<T, V> dy = load<T, V>(grad + r);
-      if (grad_o) {
-        Pack<T, V> y;
+      for (int j = 0; j < V; ++j) acc_s[j] = 0.f;
+      if (active) {
+        for (int64_t t = t0 + rl; t < t1; t += rows) {
+          const int64_t r = ((b * s.T + t) * s.H + h) * s.D + d;
+          const Pack<T, V> dy = load<T, V>(grad + r);
+          if (grad_o) {
+            Pack<T, V> y;
 #pragma unroll
-        for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g == 0.f ? 0.f : g * to_f<T>(dy.v[j]));
-        store<T, V>(grad_o + r, y);
+            for (int j = 0; j < V; ++j) y.v[j] = from_f<T>(g == 0.f ? 0.f : g * to_f<T>(dy.v[j]));
+            store<T, V>(grad_o + r, y);
+          }
+          if (gshift) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) acc_s[j] += to_f<T>(dy.v[j]);
+          }
+          if (ggate) {
+            const Pack<T, V> x = load<T, V>(o + b * s.sb + t * s.st + h * s.sh + d);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              float xv = to_f<T>(x.v[j]);
+              if (g == 0.f && !isfinite(xv)) xv = 0.f;  // garbage at skipped heads counts as 0
+              acc_g += to_f<T>(dy.v[j]) * xv;
+            }
+          }
+        }
       }
       if (gshift) {
+        float* dst = gshift + b * gshift_bs + h * s.D + d;
+        if (rows == 1) {
+          if (active) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc_s[j] += to_f<T>(dy.v[j]);
-      }
-      if (ggate) {
-        const Pack<T, V> x = load<T, V>(o + b * s.sb + t * s.st + h * s.sh + d);
+            for (int j = 0; j < V; ++j) atomicAdd(dst + j, acc_s[j]);
+          }
+        } else {
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          float xv = to_f<T>(x.v[j]);
-          if (g == 0.f && !isfinite(xv)) xv = 0.f;  // garbage at skipped heads counts as 0
-          acc_g += to_f<T>(dy.v[j]) * xv;
+          for (int j = 0; j < V; ++j) smem[tid * V + j] = acc_s[j];
+          __syncthreads();
+          if (active && rl == 0) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              float sum = 0.f;
+              for (int k = 0; k < rows; ++k) sum += smem[(k * cols + col) * V + j];
+              atomicAdd(dst + j, sum);
+            }
+          }
+          __syncthreads();
         }
       }
     }
-  }
-  if (gshift) {  // uniform across the block
+    if (ggate) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) smem[tid * V + j] = acc_s[j];
-    __syncthreads();
-    if (active && rl == 0) {
-      float* dst = gshift + b * gshift_bs + h * s.D + d;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
+      for (int off = 16; off > 0; off >>= 1) acc_g += __shfl_down_sync(0xffffffffu, acc_g, off);
+      if ((tid & 31) == 0) warp_sums[tid >> 5] = acc_g;
+      __syncthreads();
+      if (tid == 0) {
         float sum = 0.f;
-        for (int k = 0; k < R; ++k) sum += smem[(k * C + col) * V + j];
-        atomicAdd(dst + j, sum);
+        for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) sum += warp_sums[w];
+        atomicAdd(ggate + b * ggate_bs + h, sum);
       }
-    }
-  }
-  if (ggate) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc_g += __shfl_down_sync(0xffffffffu, acc_g, off);
-    if ((tid & 31) == 0) warp_sums[tid >> 5] = acc_g;
-    __syncthreads();
-    if (tid == 0) {
-      float sum = 0.f;
-      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) sum += warp_sums[w];
-      atomicAdd(ggate + b * ggate_bs + h, sum);
+      __syncthreads();
     }
   }
 }
 
 bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// Widest vector (elements, up to 16 bytes) that D, the strides of o (where the size is > 1) and every pointer
-// allow.
+// Widest vector that D, the strides of o (where the size is > 1) and every pointer allow.
 int pick_vec(int elem, const SteerShape& s, const void* a, const void* b, const void* c) {
-  for (int v = 16 / elem; v > 1; v /= 2) {
-    bool ok = s.D % v == 0 && (s.B <= 1 || s.sb % v == 0) && (s.T <= 1 || s.st % v == 0) &&
-              (s.H <= 1 || s.sh % v == 0) && aligned(a, v * elem) && aligned(b, v * elem) && aligned(c, v * elem);
-    if (ok) return v;
-  }
-  return 1;
+  return launch::vec_width(elem, {s.D, s.B > 1 ? s.sb : 0, s.T > 1 ? s.st : 0, s.H > 1 ? s.sh : 0},
+                           {reinterpret_cast<uintptr_t>(a), reinterpret_cast<uintptr_t>(b),
+                            reinterpret_cast<uintptr_t>(c)});
 }
 
 template <typename F>
@@ -180,8 +192,7 @@ cudaError_t head_steer_forward(int dtype, const void* o, void* out, const float*
       constexpr int V = decltype(vc)::value;
       const int64_t nvec = n / V;
       const int threads = 256;
-      int64_t blocks = (nvec + threads - 1) / threads;
-      if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;
+      const int64_t blocks = launch::stride_blocks(nvec, threads, int64_t{1} << 20);
       const T* op = static_cast<const T*>(o);
       T* yp = static_cast<T*>(out);
       const bool svec = shift != nullptr && V % 4 == 0 && s.D % 4 == 0 && s.shift_bs % 4 == 0 && aligned(shift, 16);
@@ -202,31 +213,17 @@ cudaError_t head_steer_backward(int dtype, const void* grad, const void* o, cons
                                 SteerShape s, int num_sms, cudaStream_t stream) {
   const int64_t bh = s.B * s.H;
   if (bh == 0 || s.T == 0 || s.D == 0 || (!grad_o && !grad_gate && !grad_shift)) return cudaSuccess;
-  if (bh > 0x7fffffff) return cudaErrorInvalidValue;
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    int v = pick_vec(static_cast<int>(sizeof(T)), s, grad, grad_o, grad_gate ? o : nullptr);
-    while (v > 1 && s.D / v > 1024) v /= 2;  // keep a row within one block
-    return with_vec(v, [&](auto vc) {
+    const int v = pick_vec(static_cast<int>(sizeof(T)), s, grad, grad_o, grad_gate ? o : nullptr);
+    const launch::SteerBwd p = launch::steer_bwd(s.D, v, bh, s.T, num_sms);
+    return with_vec(static_cast<int>(p.vec), [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      const int64_t C = s.D / V;
-      if (C > 1024) return cudaErrorInvalidValue;
-      const int64_t R = C >= 256 ? 1 : 256 / C;
-      const int threads = static_cast<int>((C * R + 31) / 32 * 32);
-      // Enough blocks to fill the GPU: split T into chunks when B*H alone is too few.
-      const int64_t target = 4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132);
-      int64_t chunks = (target + bh - 1) / bh;
-      const int64_t max_chunks = (s.T + R - 1) / R;
-      if (chunks > max_chunks) chunks = max_chunks;
-      if (chunks > 65535) chunks = 65535;
-      if (chunks < 1) chunks = 1;
-      const int64_t chunk = (s.T + chunks - 1) / chunks;
-      chunks = (s.T + chunk - 1) / chunk;
-      const size_t smem = (static_cast<size_t>(threads) * V + 32) * sizeof(float);
-      dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>(chunks));
-      bwd_kernel<T, V><<<grid, threads, smem, stream>>>(
+      const size_t smem = (static_cast<size_t>(p.threads) * V + 32) * sizeof(float);
+      const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
+      bwd_kernel<T, V><<<grid, static_cast<unsigned>(p.threads), smem, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(o), gate, static_cast<T*>(grad_o), grad_gate,
-          ggate_bs, grad_shift, gshift_bs, s, chunk);
+          ggate_bs, grad_shift, gshift_bs, s, static_cast<int>(p.cols), static_cast<int>(p.rows), p.chunk);
       return cudaGetLastError();
     });
   });

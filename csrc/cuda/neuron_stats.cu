@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "launch.h"
 #include "neuron_stats.h"
 
 namespace xlk {
@@ -61,16 +62,14 @@ __global__ void stats_kernel(const T* __restrict__ act, const int64_t* __restric
 }
 
 template <typename T, int V>
-cudaError_t launch(const void* act, const int64_t* ids, int64_t n, int64_t nn, int64_t groups, int64_t* tokens,
-                   int64_t* positive, double* sum, double* sum_sq, float* max, int num_sms, cudaStream_t stream) {
-  const int64_t gx = (nn + int64_t(kThreads) * V - 1) / (int64_t(kThreads) * V);
-  int64_t chunks = (int64_t(num_sms) * 8 + gx - 1) / gx;  // ~8 blocks per SM
-  const int64_t max_chunks = (n + 15) / 16;               // at least 16 rows per chunk
-  if (chunks > max_chunks) chunks = max_chunks;
-  if (chunks > 65535) chunks = 65535;
-  if (chunks < 1) chunks = 1;
-  const int64_t rows = (n + chunks - 1) / chunks;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>((n + rows - 1) / rows));
+cudaError_t stats_launch(const void* act, const int64_t* ids, int64_t n, int64_t nn, int64_t groups,
+                         int64_t* tokens, int64_t* positive, double* sum, double* sum_sq, float* max, int num_sms,
+                         cudaStream_t stream) {
+  // ~8 blocks per SM, at least 16 rows per chunk
+  const launch::RowGrid rg = launch::row_grid(n, nn, int64_t(kThreads) * V, int64_t(num_sms) * 8, 16);
+  if (rg.x == 0) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(rg.x), static_cast<unsigned>(rg.y));
+  const int64_t rows = rg.rows;
   stats_kernel<T, V><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(act), ids, n, nn, groups, rows, tokens,
                                                     positive, sum, sum_sq, max);
   return cudaGetLastError();
@@ -81,8 +80,8 @@ cudaError_t pick(const void* act, const int64_t* ids, int64_t n, int64_t nn, int
                  int64_t* positive, double* sum, double* sum_sq, float* max, int num_sms, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   if (nn % V == 0 && reinterpret_cast<uintptr_t>(act) % 16 == 0)
-    return launch<T, V>(act, ids, n, nn, groups, tokens, positive, sum, sum_sq, max, num_sms, stream);
-  return launch<T, 1>(act, ids, n, nn, groups, tokens, positive, sum, sum_sq, max, num_sms, stream);
+    return stats_launch<T, V>(act, ids, n, nn, groups, tokens, positive, sum, sum_sq, max, num_sms, stream);
+  return stats_launch<T, 1>(act, ids, n, nn, groups, tokens, positive, sum, sum_sq, max, num_sms, stream);
 }
 
 }  // namespace
