@@ -32,6 +32,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def poison_memory():
+    """Every uninitialised float allocation (C++ kernels' outputs included) starts as NaN, so an element a kernel
+    never writes cannot pass. (The Triton wrappers poison their own buffers: xlkernels.triton.grids.POISON.)"""
+    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(det)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -8,6 +8,8 @@ from xlkernels import NeuronIntervention, NeuronStats, backends
 from xlkernels.reference import glu as rg
 from xlkernels.reference import neuron_stats as rn
 
+pytestmark = pytest.mark.usefixtures("poison_memory")  # C++ outputs start as NaN
+
 # The kernels under test (the reference backend is the ground truth itself; conftest fails the run without _C).
 HERE = ["cpu"] + [b for b in ("triton",) if backends.why_not("glu", b, torch.device("cpu")) is None]
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}

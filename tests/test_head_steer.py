@@ -17,15 +17,7 @@ SHIFTS = [None, "hd", "bhd"]
 needs_compiled = pytest.mark.skipif(not hs.HAS_COMPILED, reason="xlkernels._C lacks head_steer (rebuild)")
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    """Uninitialised float memory (every op output) is NaN, so an element never written cannot pass."""
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+pytestmark = pytest.mark.usefixtures("poison_memory")
 
 
 def make(shape, gate_kind, shift_kind, dtype=torch.float32, device="cpu", transposed=False, param_dtype=None):

@@ -7,6 +7,8 @@ import xlkernels.ops.neuron_stats  # noqa: F401 (registers the op's backends)
 from xlkernels import NeuronStats, backends
 from xlkernels.reference import neuron_stats as ref
 
+pytestmark = pytest.mark.usefixtures("poison_memory")  # C++ outputs start as NaN
+
 # The kernels under test (the reference backend is the ground truth itself; conftest fails the run without _C).
 HERE = ["cpu"] + [b for b in ("triton",) if backends.why_not("neuron_stats", b, torch.device("cpu")) is None]
 FIELDS = ("tokens", "positive", "sum", "sum_sq", "max")
