@@ -12,20 +12,12 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreting
+from . import grids
+from .grids import folded_id
 
 LOG2E = 1.4426950408889634
 INTERP = interpreting()
-POISON = False  # tests set this: every output buffer starts as NaN, so each element must be written
-
-
-def _empty(*shape, dtype, device):
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _empty_like(x):
-    return torch.full_like(x, float("nan")) if POISON else torch.empty_like(x)
+_empty, _empty_like = grids.empty, grids.empty_like  # NaN-filled while grids.POISON is set
 
 
 @triton.jit
@@ -75,15 +67,16 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kp_base, sks, svs, start, stop,
     dmask = offs_d < HEAD_D
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
+        rn = offs_n.to(tl.int64)  # row offsets in 64 bits: S * stride may pass 2**31
         if MASK:
             nmask = offs_n < S
-            kT = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=nmask[None, :] & dmask[:, None],
+            kT = tl.load(k_base + rn[None, :] * sks + offs_d[:, None], mask=nmask[None, :] & dmask[:, None],
                          other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+            v = tl.load(v_base + rn[:, None] * svs + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                         other=0.0)
         else:
-            kT = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=dmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=dmask[None, :], other=0.0)
+            kT = tl.load(k_base + rn[None, :] * sks + offs_d[:, None], mask=dmask[:, None], other=0.0)
+            v = tl.load(v_base + rn[:, None] * svs + offs_d[None, :], mask=dmask[None, :], other=0.0)
         if UPCAST:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
@@ -133,11 +126,10 @@ def _key_ranges(m0, S, off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _q_block(H, GROUP, T, S, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (query block, b*H + h): b, h, KV head hk, key offset off = S - T, first row m0, rows offs_m and
-    head-dim offs_d with their masks."""
+def _q_block(bh, H, GROUP, T, S, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (query block, bh = b*H + h): b, h, KV head hk, key offset off = S - T, first row m0, rows offs_m
+    (rows: the same in int64, for addresses) and head-dim offs_d with their masks."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -147,19 +139,22 @@ def _q_block(H, GROUP, T, S, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < T
     dmask = offs_d < HEAD_D
-    return b, h, hk, off, m0, offs_m, offs_d, mmask, dmask
+    return b, h, hk, off, m0, offs_m, offs_m.to(tl.int64), offs_d, mmask, dmask
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
                 sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, srb, srh, srt,
                 sgb, sgh, ssb, ssh, skpb,
-                H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
+                BH, H, GROUP, T, S, window, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
                 HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr,
                 SAVE_RAW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, h, hk, off, m0, offs_m, offs_d, mmask, dmask = _q_block(H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
+    bh = folded_id()
+    if bh >= BH:
+        return
+    b, h, hk, off, m0, offs_m, rows, offs_d, mmask, dmask = _q_block(bh, H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
 
     g = 1.0
     if HAS_GATE:
@@ -170,7 +165,7 @@ def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.minimum(full_hi, hi)
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
                 mask=mmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -189,12 +184,12 @@ def _fwd_kernel(Q, K, V, Out, ORaw, Lse, Gate, Shift, Kpm,
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kp_base, sks, svs, full_hi, hi, offs_m, offs_d,
                                S, off, window, scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_KPM,
                                HAS_SOFTCAP, HEAD_D, BLOCK_N, BLOCK_D, UPCAST, PREC)
-    _fwd_epilogue(acc, m_i, l_i, g, b, h, offs_m, offs_d, mmask, dmask, Out, ORaw, Lse, Shift,
+    _fwd_epilogue(acc, m_i, l_i, g, b, h, rows, offs_d, mmask, dmask, Out, ORaw, Lse, Shift,
                   sob, soh, sot, srb, srh, srt, ssb, ssh, H, T, HAS_SHIFT, SAVE_RAW)
 
 
 @triton.jit
-def _fwd_epilogue(acc, m_i, l_i, g, b, h, offs_m, offs_d, mmask, dmask, Out, ORaw, Lse, Shift,
+def _fwd_epilogue(acc, m_i, l_i, g, b, h, rows, offs_d, mmask, dmask, Out, ORaw, Lse, Shift,
                   sob, soh, sot, srb, srh, srt, ssb, ssh, H, T, HAS_SHIFT: tl.constexpr, SAVE_RAW: tl.constexpr):
     empty = l_i == 0.0  # rows that see no key: o_raw = 0, lse = +inf (p = 0 in the backward)
     o_raw = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -204,12 +199,12 @@ def _fwd_epilogue(acc, m_i, l_i, g, b, h, offs_m, offs_d, mmask, dmask, Out, ORa
         sh = tl.load(Shift + b * ssb + h * ssh + offs_d, mask=dmask, other=0.0).to(tl.float32)
         out = out + sh[None, :]
     omask = mmask[:, None] & dmask[None, :]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(Out.dtype.element_ty),
+    tl.store(Out + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=omask)
     if SAVE_RAW:
-        tl.store(ORaw + b * srb + h * srh + offs_m[:, None] * srt + offs_d[None, :],
+        tl.store(ORaw + b * srb + h * srh + rows[:, None] * srt + offs_d[None, :],
                  o_raw.to(ORaw.dtype.element_ty), mask=omask)
-    tl.store(Lse + (b * H + h) * T + offs_m, lse, mask=mmask)
+    tl.store(Lse + (b * H + h) * T + rows, lse, mask=mmask)
 
 
 # ------------------------------------------------------------------ launch configuration
@@ -250,13 +245,32 @@ def bucket(n):
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def forced_config(table, block_d):
+    """Config grids.GPU["config"] of `table`'s head-dim bucket (taken modulo its length), or None."""
+    i = grids.GPU.get("config")
+    if i is None:
+        return None
+    cfgs = table[_dbucket(block_d)]
+    return cfgs[i % len(cfgs)]
+
+
 def launch(kernel, table, grid, block_d, args, consts):
-    """Run `kernel`: autotuned over `table` on the GPU, one small config under the interpreter."""
-    if INTERP:
+    """Run `kernel`: autotuned over `table` on the GPU, one small config under the interpreter, or the config
+    forced through grids.GPU."""
+    cfg = forced_config(table, block_d)
+    if cfg is not None:
+        kernel[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif INTERP:
         bm, bn = INTERP_BLOCKS
         kernel[grid({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
     else:
         _tuned(kernel, table, _dbucket(block_d))[grid](*args, **consts)
+
+
+def row_grid(n, heads, block):
+    """Grid of the forward, dQ, dK/dV and preprocess kernels: blocks of `block` rows of n on axis 0, the
+    (batch, head) pairs folded over axes 1 and 2."""
+    return grids.fold(triton.cdiv(n, block), heads)
 
 
 def common(q, k, gate, shift, kpm, causal, scale, window, softcap):
@@ -301,10 +315,9 @@ def forward(q, k, v, gate, shift, kpm, causal, scale, window, softcap, skip_zero
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             o_r.stride(0), o_r.stride(1), o_r.stride(2), gs[0], gs[1], ss[0], ss[1], kps,
-            H, H // Hkv, T, S, scal["window"], scal["scale_log2"], scal["sc_scale"], scal["sc_log2"],
+            B * H, H, H // Hkv, T, S, scal["window"], scal["scale_log2"], scal["sc_scale"], scal["sc_log2"],
             bucket(T), bucket(S))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    launch(_fwd_kernel, FWD_CONFIGS, grid, consts["BLOCK_D"], args,
+    launch(_fwd_kernel, FWD_CONFIGS, lambda meta: row_grid(T, B * H, meta["BLOCK_M"]), consts["BLOCK_D"], args,
            dict(consts, HAS_SHIFT=shift is not None, SKIP_ZERO=skip, SAVE_RAW=save_raw))
     return out, o_raw, lse
 

@@ -10,28 +10,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (INTERP, _cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common,
-                        launch)
+from . import grids
+from .attention import (_cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common, launch,
+                        row_grid)
+from .grids import folded_id
 
 
 
 @triton.jit
-def _bwd_pre_kernel(O, DO, Delta, DGate, DShift, sob, soh, sot, sdb, sdh, sdt, H, T,
+def _bwd_pre_kernel(O, DO, Delta, DGate, DShift, sob, soh, sot, sdb, sdh, sdt, BH, H, T,
                     HEAD_D: tl.constexpr, NEED_DGATE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = folded_id()
+    if bh >= BH:
+        return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < HEAD_D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0)
     o = o.to(tl.float32)
     do = do.to(tl.float32)
     delta = tl.sum(o * do, 1)  # rowsum(dO * O_raw)
-    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    tl.store(Delta + bh.to(tl.int64) * T + rows, delta, mask=offs_m < T)
     if NEED_DGATE:
         tl.atomic_add(DGate + bh, tl.sum(delta, 0))
     if NEED_DSHIFT:
@@ -49,16 +53,17 @@ def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, sqt, sdt, start, stop, o
     dmask = offs_d < HEAD_D
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + offs_m0
+        rm = offs_m.to(tl.int64)
         if MASK:
             mm = offs_m < T
-            qT = tl.load(Q + offs_m[None, :] * sqt + offs_d[:, None], mask=mm[None, :] & dmask[:, None], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=mm[:, None] & dmask[None, :],
+            qT = tl.load(Q + rm[None, :] * sqt + offs_d[:, None], mask=mm[None, :] & dmask[:, None], other=0.0)
+            do = tl.load(DO + rm[:, None] * sdt + offs_d[None, :], mask=mm[:, None] & dmask[None, :],
                          other=0.0)
             lse = tl.load(Lse + offs_m, mask=mm, other=float("inf"))
             delta = tl.load(Delta + offs_m, mask=mm, other=0.0)
         else:
-            qT = tl.load(Q + offs_m[None, :] * sqt + offs_d[:, None], mask=dmask[:, None], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=dmask[None, :], other=0.0)
+            qT = tl.load(Q + rm[None, :] * sqt + offs_d[:, None], mask=dmask[:, None], other=0.0)
+            do = tl.load(DO + rm[:, None] * sdt + offs_d[None, :], mask=dmask[None, :], other=0.0)
             lse = tl.load(Lse + offs_m)
             delta = tl.load(Delta + offs_m)
         if UPCAST:
@@ -110,25 +115,28 @@ def _query_ranges(n0, T, off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                      sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sgb, sgh, skpb,
-                     H, GROUP, T, S, window, scale, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
+                     BHK, H, GROUP, T, S, window, scale, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
                      HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = folded_id()
+    if bhk >= BHK:
+        return
     Hkv = H // GROUP
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     off = S - T
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    rn = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < S
     dmask = offs_d < HEAD_D
     kvmask = nmask[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kvmask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kvmask, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + rn[:, None] * sks + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + rn[:, None] * svs + offs_d[None, :], mask=kvmask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -162,20 +170,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
                              sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D, BLOCK_M,
                              UPCAST, PREC)
     smask = nmask[:, None] & dmask[None, :]
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+    tl.store(DK + b * sdkb + hk * sdkh + rn[:, None] * sdks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=smask)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + b * sdvb + hk * sdvh + rn[:, None] * sdvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=smask)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Gate, Kpm,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt, sdqb, sdqh, sdqt, sgb, sgh, skpb,
-                   H, GROUP, T, S, window, scale, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
+                   BH, H, GROUP, T, S, window, scale, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
                    HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, h, hk, off, m0, offs_m, offs_d, mmask, dmask = _q_block(H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
+    bh = folded_id()
+    if bh >= BH:
+        return
+    b, h, hk, off, m0, offs_m, rows, offs_d, mmask, dmask = _q_block(bh, H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
     qmask = mmask[:, None] & dmask[None, :]
     g = 1.0
     lo, full_lo, full_hi, hi = _key_ranges(m0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
@@ -184,13 +195,13 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Gate, Kpm,
         hi = tl.where(g == 0.0, lo, hi)
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.minimum(full_hi, hi)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=qmask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :], mask=qmask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(Lse + (b * H + h) * T + offs_m, mask=mmask, other=float("inf"))
-    delta = tl.load(Delta + (b * H + h) * T + offs_m, mask=mmask, other=0.0)
+    lse = tl.load(Lse + (b * H + h) * T + rows, mask=mmask, other=float("inf"))
+    delta = tl.load(Delta + (b * H + h) * T + rows, mask=mmask, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     kp_base = Kpm + b * skpb
@@ -205,7 +216,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Gate, Kpm,
                    window, scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_KPM, HAS_SOFTCAP, HEAD_D,
                    BLOCK_N, UPCAST, PREC)
     dq = dq * (g * scale)
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qmask)
 
 
@@ -219,12 +230,13 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kp_base, sks, svs, start, s
     dmask = offs_d < HEAD_D
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_n0
+        rn = offs_n.to(tl.int64)
         if MASK:
             lm = (offs_n < S)[None, :] & dmask[:, None]
         else:
             lm = dmask[:, None]
-        kT = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=lm, other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * svs + offs_d[:, None], mask=lm, other=0.0)
+        kT = tl.load(k_base + rn[None, :] * sks + offs_d[:, None], mask=lm, other=0.0)
+        vT = tl.load(v_base + rn[None, :] * svs + offs_d[:, None], mask=lm, other=0.0)
         if UPCAST:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
@@ -279,10 +291,10 @@ def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, wind
         return dq, dk, dv, dgate, dshift
     o = o_raw if o_raw.numel() else out  # pre-epilogue output
     delta = _empty(B, H, T, dtype=f32, device=q.device)
-    bm_pre = 32 if INTERP else 64
-    _bwd_pre_kernel[(triton.cdiv(T, bm_pre), B * H)](
+    bm_pre = 64 if grids.gpu_shapes() else 32
+    _bwd_pre_kernel[row_grid(T, B * H, bm_pre)](
         o, do, delta, dgate if need_dgate else delta, dshift if need_dshift else delta,
-        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, T,
+        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), B * H, H, T,
         HEAD_D=D, NEED_DGATE=need_dgate, NEED_DSHIFT=need_dshift, BLOCK_M=bm_pre, BLOCK_D=block_d)
     c = {n: consts[n] for n in ("HEAD_D", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_GATE", "UPCAST",
                                 "PREC", "BLOCK_D")}
@@ -290,11 +302,11 @@ def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, wind
     qs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
           v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     if need_dkdv:
-        launch(_bwd_dkdv_kernel, DKDV_CONFIGS, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv), block_d,
+        launch(_bwd_dkdv_kernel, DKDV_CONFIGS, lambda meta: row_grid(S, B * Hkv, meta["BLOCK_N"]), block_d,
                (q, k, v, do, lse, delta, dk, dv, g, kp, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
-                dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
+                dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps, B * Hkv, H, H // Hkv, T, S, *sc), c)
     if need_dq:
-        launch(_bwd_dq_kernel, DQ_CONFIGS, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), block_d,
+        launch(_bwd_dq_kernel, DQ_CONFIGS, lambda meta: row_grid(T, B * H, meta["BLOCK_M"]), block_d,
                (q, k, v, do, lse, delta, dq, g, kp, *qs, dq.stride(0), dq.stride(1), dq.stride(2),
-                gs[0], gs[1], kps, H, H // Hkv, T, S, *sc), c)
+                gs[0], gs[1], kps, B * H, H, H // Hkv, T, S, *sc), c)
     return dq, dk, dv, dgate, dshift

@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grids
 from . import neuron_stats as tns
+from .grids import folded_id
 
 GELU_K = 0.7978845608028654
 
@@ -72,9 +74,9 @@ def _fwd_kernel(gate, up, out, ids, mul_ptr, add_ptr, pos_ptr, sum_ptr, sq_ptr, 
 def _bwd_kernel(go, gate, up, dgate, dup, ids, mul_ptr, add_ptr, N, I, ACT: tl.constexpr, MODE: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = folded_id() * BLOCK_R + tl.arange(0, BLOCK_R)
     cmask = cols < I
-    rmask = rows < N
+    rmask = rows < N  # (also masks the spare programs of a folded grid)
     mask = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * I + cols[None, :]
     x = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
@@ -104,14 +106,14 @@ def _mode(mul):
 def forward(gate, up, activation, ids, mul, add, stats):
     """gate/up (N, I) contiguous; stats None or (tokens, positive, sum, sum_sq, max) updated in place."""
     n, nn = gate.shape
-    out = torch.empty_like(gate)
+    out = grids.empty_like(gate)
     if stats is not None:
         tns.add_tokens(ids, stats[0])
     if n == 0:
         return out
     mode = _mode(mul)
     br, bi = tns.blocks(nn)
-    gx, gy, rows = tns.grid_shape(n, nn, br, bi, gate.device)
+    gx, gy, rows = tns.grid_shape(n, nn, br, bi, grids.sm_count(gate.device))
     dummy = gate  # never dereferenced when its feature is off
     st = stats if stats is not None else (None, dummy, dummy, dummy, dummy)
     mx = st[4].view(torch.int32) if stats is not None else dummy
@@ -123,15 +125,20 @@ def forward(gate, up, activation, ids, mul, add, stats):
     return out
 
 
+def bwd_grid(n, nn, block_r, block_i):
+    """Column blocks on axis 0, row blocks folded over axes 1 and 2."""
+    return grids.fold(triton.cdiv(nn, block_i), triton.cdiv(n, block_r))
+
+
 def backward(grad_out, gate, up, activation, ids, mul, add):
     n, nn = gate.shape
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    dgate, dup = grids.empty_like(gate), grids.empty_like(up)
     if n == 0:
         return dgate, dup
     br, bi = tns.blocks(nn)
-    if tns.interpreting():  # few, large programs
+    if not grids.gpu_shapes():  # few, large programs
         br = max(16, triton.next_power_of_2(min(n, 128)))
-    _bwd_kernel[(triton.cdiv(nn, bi), triton.cdiv(n, br))](
+    _bwd_kernel[bwd_grid(n, nn, br, bi)](
         grad_out, gate, up, dgate, dup, ids if ids is not None else gate, mul if mul is not None else gate,
         add if add is not None else gate, n, nn, ACT=0 if activation == "silu" else 1, MODE=_mode(mul),
         BLOCK_R=br, BLOCK_I=bi, num_warps=4)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting
+from . import grids
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _bwd_kernel(dout, o, gate, grad_o, ggate, gshift, T, H, D, sb, st, sh, gate_
                 NEED_O: tl.constexpr, NEED_G: tl.constexpr, NEED_S: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -71,15 +71,27 @@ def _params(o, gate, shift):
     return g, (H if g.dim() == 2 else 0), s, (H * D if s.dim() == 3 else 0)
 
 
+def fwd_grid(rows, block_r):
+    """Row blocks on axis 0 (one column block: BLOCK_D covers D)."""
+    return (triton.cdiv(rows, block_r), 1)
+
+
+def bwd_grid(B, H, T, block_t, sms):
+    """-> (grid, rows per chunk): (b, h) pairs on axis 0, chunks of t (enough to fill `sms` SMs) on axis 1."""
+    chunks = max(1, min(triton.cdiv(4 * (sms or 1), B * H), triton.cdiv(T, block_t)))
+    chunk = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
+    return (B * H, triton.cdiv(T, chunk)), chunk
+
+
 def forward(o, gate, shift):
     B, T, H, D = o.shape
-    out = torch.empty((B, T, H, D), dtype=o.dtype, device=o.device)
+    out = grids.empty(B, T, H, D, dtype=o.dtype, device=o.device)
     if out.numel() == 0:
         return out
     g, gbs, s, sbs = _params(o, gate, shift)
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_R = max(1, min(64 if not interpreting() else 16, 4096 // BLOCK_D))
-    grid = (triton.cdiv(B * T * H, BLOCK_R), 1)
+    BLOCK_R = max(1, min(64 if grids.gpu_shapes() else 16, 4096 // BLOCK_D))
+    grid = fwd_grid(B * T * H, BLOCK_R)
     _fwd_kernel[grid](o, out, g, s, B * T * H, T, H, D, o.stride(0), o.stride(1), o.stride(2), gbs, sbs,
                       BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return out
@@ -93,17 +105,14 @@ def backward(grad, o, gate, shift, need_o, need_gate, need_shift):
     need_gate = need_gate and gate is not None
     need_shift = need_shift and shift is not None
     grad = grad.contiguous()
-    go = torch.empty((B, T, H, D), dtype=o.dtype, device=dev) if need_o else torch.empty(0, dtype=o.dtype, device=dev)
+    go = grids.empty(B, T, H, D, dtype=o.dtype, device=dev) if need_o else torch.empty(0, dtype=o.dtype, device=dev)
     gg = torch.zeros(gate.shape, **f32) if need_gate else torch.empty(0, **f32)
     gs = torch.zeros(shift.shape, **f32) if need_shift else torch.empty(0, **f32)
     if (need_o or need_gate or need_shift) and B * H * T * D > 0:
         g, gbs, _, _ = _params(o, gate, None)
         BLOCK_D = triton.next_power_of_2(D)
         BLOCK_T = max(1, min(32, 4096 // BLOCK_D))
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-        chunks = max(1, min(triton.cdiv(4 * sms, B * H), triton.cdiv(T, BLOCK_T)))
-        chunk = triton.cdiv(triton.cdiv(T, chunks), BLOCK_T) * BLOCK_T
-        grid = (B * H, triton.cdiv(T, chunk))
+        grid, chunk = bwd_grid(B, H, T, BLOCK_T, grids.sm_count(dev))
         _bwd_kernel[grid](grad, o, g, go, gg, gs, T, H, D, o.stride(0), o.stride(1), o.stride(2), gbs,
                           H if need_gate and gate.dim() == 2 else 0, H * D if need_shift and shift.dim() == 3 else 0,
                           chunk, NEED_O=need_o, NEED_G=need_gate, NEED_S=need_shift, BLOCK_T=BLOCK_T,

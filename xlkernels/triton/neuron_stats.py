@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting  # noqa: F401 (used by glu.py)
+from . import grids
 
 NAN_BITS = 0x7FC00000
 
@@ -100,21 +100,21 @@ def _stats_kernel(act, ids, pos_ptr, sum_ptr, sq_ptr, mx_i32, N, I, ROWS,
         _flush(cur, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_sq, a_mx)
 
 
-def grid_shape(n: int, nn: int, block_r: int, block_i: int, device: torch.device):
-    """(neuron blocks, row chunks, rows per chunk): enough programs to fill the GPU, few in the interpreter."""
+def grid_shape(n: int, nn: int, block_r: int, block_i: int, sms):
+    """(neuron blocks, row chunks, rows per chunk): enough programs to fill `sms` SMs (a chunk per column block
+    when sms is None: the interpreter). Row chunks stay <= 4 * sms, far inside grid axis 1's limit."""
     col_blocks = triton.cdiv(nn, block_i)
-    if interpreting() or device.type != "cuda":
+    if sms is None:
         return col_blocks, 1, max(n, 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     chunks = max(1, min(triton.cdiv(n, block_r), triton.cdiv(4 * sms, col_blocks)))
     rows = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
     return col_blocks, triton.cdiv(n, rows), rows
 
 
 def blocks(nn: int):
-    if interpreting():
-        return 16, min(1024, triton.next_power_of_2(nn))
-    return 16, min(128, triton.next_power_of_2(nn))
+    if grids.gpu_shapes():
+        return 16, min(128, triton.next_power_of_2(nn))
+    return 16, min(1024, triton.next_power_of_2(nn))
 
 
 def add_tokens(ids: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -129,6 +129,6 @@ def accumulate(act, ids, tokens, positive, sum_, sum_sq, max_) -> None:
     if n == 0:
         return
     br, bi = blocks(nn)
-    gx, gy, rows = grid_shape(n, nn, br, bi, act.device)
+    gx, gy, rows = grid_shape(n, nn, br, bi, grids.sm_count(act.device))
     _stats_kernel[(gx, gy)](act, ids, positive, sum_, sum_sq, max_.view(torch.int32), n, nn, rows,
                             BLOCK_R=br, BLOCK_I=bi, num_warps=4)
