@@ -45,7 +45,7 @@ cmake-check: $(STAMP)
 	$(PY) scripts/check_cmake_build.py build/cmake
 
 # The whole extension (CPU + CUDA kernels, sm_80/sm_90) against the CUDA build of torch 2.14.1, in its own venv
-# (.venv-cuda, reused) and out of tree (build/cuda); then a fresh process checks every op has a CUDA kernel. No GPU.
+# (~/.cache/xlkernels/venv-cuda, reused across clones) and out of tree (build/cuda); then a fresh process checks every op has a CUDA kernel. No GPU.
 .PHONY: cuda-build
 cuda-build:
 	bash scripts/cuda_build.sh

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build the complete extension (CPU + CUDA kernels, sm_80 and sm_90) against the CUDA build of torch, without a GPU,
 # then check in a fresh process that every op has a CUDA kernel (scripts/check_cuda_build.py).
-# - Own venv (.venv-cuda), reused while its stamp (a hash of the pins and the python) matches.
+# - Own venv ($CUDA_VENV), reused while its stamp (a hash of the pins and the python) matches.
 # - Built out of tree into build/cuda (ninja, MAX_JOBS=2): the CPU build in .venv and xlkernels/_C*.so are untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=${CUDA_VENV:-.venv-cuda}
+# The venv lives outside the checkout by default, so fresh clones (CI) on the same machine reuse it (~5.5 GB).
+VENV=${CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/xlkernels/venv-cuda}
 OUT=${CUDA_BUILD_DIR:-build/cuda}
-PKGS="torch==2.14.1 setuptools>=69 wheel ninja numpy"
+PKGS="torch==2.14.1 setuptools==84.2.1 wheel==0.48.0 ninja==1.13.2 numpy==2.4.6"
 NVCC=${NVCC:-nvcc}
 t0=$SECONDS
 
@@ -27,7 +28,7 @@ if [[ -x $VENV/bin/python && $(cat "$stamp" 2>/dev/null) == "$key" ]] &&
   "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
   echo "cuda_build: reusing $VENV"
 else
-  [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+  [[ -x $VENV/bin/python ]] || { mkdir -p "$(dirname "$VENV")" && "$PY" -m venv "$VENV"; }
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $PKGS
   echo "$key" > "$stamp"
