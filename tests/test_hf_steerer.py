@@ -4,7 +4,7 @@ import torch
 
 import xlkernels
 from xlkernels import NeuronIntervention
-from test_hf_parity import batch, hooks, parts, rel, steer_values, tiny
+from test_hf_parity import ARCH_NAMES, batch, hooks, parts, rel, steer_values, tiny
 
 
 def test_attributes_and_defaults():
@@ -313,7 +313,7 @@ def test_mask_fn_gives_kernel_a_padding_mask_only():
     assert full.shape == (2, 1, 4, 4)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_no_full_mask_on_the_plain_path(arch, monkeypatch):
     """Padded prefill and decode on sliding/full layers never build or use a 4D mask."""
     import xlkernels.hf.attention as A
@@ -328,6 +328,31 @@ def test_no_full_mask_on_the_plain_path(arch, monkeypatch):
     xlkernels.patch(model)
     with torch.no_grad(), xlkernels.backend("reference"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def test_hf_attention_kwargs_reach_the_kernel(monkeypatch):
+    """scaling, sliding_window and softcap arrive under the names attention_fn reads. A rename in transformers
+    would silently fall back to defaults (head_dim**-0.5, no window, no softcap): catch it here."""
+    import xlkernels.hf.attention as A
+    from xlkernels.models import tiny_model
+
+    seen = []
+    real = xlkernels.steered_attention
+
+    def spy(q, k, v, **kw):
+        seen.append({n: kw[n] for n in ("scale", "sliding_window", "softcap", "causal")})
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(xlkernels, "steered_attention", spy)
+    model, _ = tiny_model("gemma2", query_pre_attn_scalar=24)  # scaling 24**-0.5, not head_dim**-0.5
+    ids, mask = batch(T=7)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        xlkernels.patch(model)
+        with xlkernels.backend("reference"):
+            out = model(input_ids=ids, attention_mask=mask).logits
+    assert [s["sliding_window"] for s in seen] == [4, None]  # gemma2: sliding, then full layer
+    assert all(s["scale"] == 24 ** -0.5 and s["softcap"] == 50.0 and s["causal"] for s in seen)
+    assert rel(out, ref, mask) < 1e-5
 
 
 def test_unsupported_activation_error():
