@@ -55,3 +55,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info xlkernels/*.so $(VENV) .venv-latest
+
+# On a GPU machine with a preinstalled CUDA torch (no venv, no registry): build for this GPU, run the whole suite,
+# compute-sanitizer on the CUDA C++ kernels, the benchmarks; logs + results in bench/results/gpu-check-<date>/.
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh
