@@ -1,4 +1,6 @@
 """glu: forward, fused stats, interventions and backward of every backend against the float64 reference."""
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ import xlkernels.ops.glu  # noqa: F401 (registers the op's backends)
 from xlkernels import NeuronIntervention, NeuronStats, backends
 from xlkernels.reference import glu as rg
 from xlkernels.reference import neuron_stats as rn
+from xlkernels.triton import grids
+from xlkernels.triton import neuron_stats as tns
 
 pytestmark = pytest.mark.usefixtures("poison_memory")  # C++ outputs start as NaN
 
@@ -14,6 +18,11 @@ pytestmark = pytest.mark.usefixtures("poison_memory")  # C++ outputs start as Na
 HERE = ["cpu"] + [b for b in ("triton",) if backends.why_not("glu", b, torch.device("cpu")) is None]
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 G = 4
+
+
+@pytest.fixture(autouse=True)
+def _poison_triton(monkeypatch):
+    monkeypatch.setattr(grids, "POISON", True)  # Triton outputs start as NaN
 
 
 def make_iv(kind, nn, device="cpu"):
@@ -52,6 +61,12 @@ def inputs(shape, dtype):
     up = torch.randn(shape).to(dtype)
     ids = torch.randint(-1, G, shape[:-1])
     return gate, up, ids
+
+
+def runs(shape, length=37):
+    """Group ids in runs of `length` rows (some runs -1), so whole 16-row tiles share one id."""
+    n = math.prod(shape)
+    return torch.randint(-1, G, (n // length + 1,)).repeat_interleave(length)[:n].reshape(shape)
 
 
 def torch_same_dtype(gate, up, act, ids, iv):
@@ -318,14 +333,24 @@ def test_triton_kernels_compile_for_sm90():
 @pytest.mark.parametrize("nn", [13, 4099])
 def test_gpu(backend, dtype, act, kind, nn):
     gate, up, ids = inputs((3, 333, nn), dtype)
-    iv = make_iv(kind, nn)
-    stats = NeuronStats.empty(G, nn, device="cuda")
-    gc, uc = gate.cuda().requires_grad_(), up.cuda().requires_grad_()
-    dev_iv = iv.to("cuda") if iv is not None else None
-    poison = torch.full_like(gc, float("nan"))  # freed blocks get reused by the caching allocator
+    ids[1:] = runs((2, 333))  # batch 0 interleaved ids (mixed tiles), the rest in runs (uniform tiles)
+    poison = torch.full((3, 333, nn), float("nan"), device="cuda")  # freed blocks get reused by the allocator
     del poison
+    check_fused(backend, gate, up, ids, act, make_iv(kind, nn), "cuda")
+
+
+def check_fused(backend, gate, up, ids, act, iv, device):
+    """glu with stats and an intervention on `device`, backward with a random upstream gradient, against float64:
+    output and grads by the 2x rule, tokens and positive exactly, sum, sum_sq and max to fp32 rounding."""
+    nn, dtype = gate.shape[-1], gate.dtype
+    stats = NeuronStats.empty(G, nn)
+    stats.max.normal_()  # prior content
+    want_stats = stats.clone()
+    stats = stats.to(device)
+    gc, uc = (x.to(device, copy=True).requires_grad_() for x in (gate, up))
     with xlkernels.backend(backend):
-        out = xlkernels.glu(gc, uc, act, stats=stats, group_ids=ids.cuda(), intervention=dev_iv)
+        out = xlkernels.glu(gc, uc, act, stats=stats, group_ids=ids.to(device),
+                            intervention=None if iv is None else iv.to(device))
     go = torch.randn_like(out)
     out.backward(go)
     g2, u2 = gate.double().requires_grad_(), up.double().requires_grad_()
@@ -336,11 +361,26 @@ def test_gpu(backend, dtype, act, kind, nn):
     torch_same_dtype(g3, u3, act, ids, iv).backward(go.cpu())
     check_close(gc.grad.cpu(), g2.grad, g3.grad, dtype)
     check_close(uc.grad.cpu(), u2.grad, u3.grad, dtype)
-    ws = NeuronStats.empty(G, nn)
+    ws = want_stats
     rn.accumulate(a64.detach().reshape(-1, nn), ids.reshape(-1), ws.tokens, ws.positive, ws.sum, ws.sum_sq, ws.max)
     st = stats.to("cpu")
     assert torch.equal(st.tokens, ws.tokens) and torch.equal(st.positive, ws.positive)
-    assert float(((st.sum - ws.sum).abs() / (1 + ws.sum.abs())).max()) < 2e-6
+    for f in ("sum", "sum_sq", "max"):
+        a, b = getattr(st, f).double(), getattr(ws, f).double()
+        assert float(((a - b).abs() / (1 + b.abs())).max()) < 2e-6, f
+
+
+@pytest.mark.skipif("triton" not in HERE or torch.cuda.is_available(), reason="runs the Triton interpreter")
+@pytest.mark.parametrize("kind", ["none", "dense"])
+def test_triton_gpu_shapes(kind, monkeypatch):
+    """The GPU launch shapes in the interpreter: 16x128 tiles, row chunks for a 4-SM GPU (several programs add
+    into each (group, neuron) with atomics) and the backward's row blocks folded over grid axes 1 and 2."""
+    monkeypatch.setattr(grids, "GPU", {"sms": 4})
+    monkeypatch.setattr(grids, "AXIS_MAX", 4)
+    assert tns.grid_shape(200, 300, *tns.blocks(300), 4) == (3, 5, 48)  # 3 x 5 programs, 48 rows each
+    gate, up, ids = inputs((4, 50, 300), torch.float32)
+    ids[2:] = runs((2, 50), 23)  # batch 0-1 interleaved, 2-3 in runs across chunk boundaries
+    check_fused("triton", gate, up, ids, "silu", make_iv(kind, 300), "cpu")
 
 
 @pytest.mark.gpu

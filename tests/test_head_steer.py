@@ -6,6 +6,8 @@ import xlkernels
 from xlkernels import backends
 from xlkernels.ops import head_steer as hs
 from xlkernels.reference.head_steer import head_steer as ref
+from xlkernels.triton import grids
+from xlkernels.triton import head_steer as ths
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # max |err| / max |ref| vs float64: output rounding to the dtype (half an ulp) plus fp32 math
@@ -18,6 +20,11 @@ needs_compiled = pytest.mark.skipif(not hs.HAS_COMPILED, reason="xlkernels._C la
 
 
 pytestmark = pytest.mark.usefixtures("poison_memory")
+
+
+@pytest.fixture(autouse=True)
+def _poison_triton(monkeypatch):
+    monkeypatch.setattr(grids, "POISON", True)  # Triton outputs start as NaN
 
 
 def make(shape, gate_kind, shift_kind, dtype=torch.float32, device="cpu", transposed=False, param_dtype=None):
@@ -270,6 +277,17 @@ def test_triton_forward_backward(dtype, shape, gate_kind, shift_kind):
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gpu_shapes(dtype, monkeypatch):
+    """Launch shapes of a 4-SM GPU in the interpreter: 64-row forward tiles, the backward's t split in 3 chunks
+    whose gate/shift sums meet in atomics."""
+    monkeypatch.setattr(grids, "GPU", {"sms": 4})
+    assert ths.bwd_grid(2, 3, 70, 32, grids.sm_count(torch.device("cpu")))[0] == (6, 3)
+    test_triton_forward_backward(dtype, (2, 70, 3, 16), "bh", "bhd")
+
+
+@needs_triton
 def test_triton_zero_gate_nan_and_opcheck():
     o, gate, shift = make((2, 5, 3, 16), "bh", "hd", device=TRITON_DEV)
     o[:, :, 1] = float("nan")
@@ -325,8 +343,9 @@ def test_cuda_unaligned_and_odd(dtype):
         with xlkernels.backend("cuda"):
             out = xlkernels.head_steer(o, gate, shift)
         assert rel_err(out, ref64(o, gate, shift)) <= TOL[dtype]
-        got = _grads("cuda", o, gate, shift, torch.ones_like(o), (True, True, True))
-        want = _grads("reference", o, gate, shift, torch.ones_like(o), (True, True, True))
+        dout = torch.randn(o.shape, device="cuda").to(dtype)
+        got = _grads("cuda", o, gate, shift, dout, (True, True, True))
+        want = _grads("reference", o, gate, shift, dout, (True, True, True))
         for g, w in zip(got, want):
             assert rel_err(g, w.double()) <= max(TOL[dtype], 1e-4)
 

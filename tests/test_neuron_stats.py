@@ -6,6 +6,8 @@ import xlkernels
 import xlkernels.ops.neuron_stats  # noqa: F401 (registers the op's backends)
 from xlkernels import NeuronStats, backends
 from xlkernels.reference import neuron_stats as ref
+from xlkernels.triton import grids
+from xlkernels.triton import neuron_stats as tns
 
 pytestmark = pytest.mark.usefixtures("poison_memory")  # C++ outputs start as NaN
 
@@ -25,6 +27,8 @@ def make_ids(pattern, shape, groups):
     elif pattern == "runs":  # per-sequence groups, left padding
         ids = torch.randint(0, groups, (n // 7 + 1,)).repeat_interleave(7)[:n]
         ids[::7] = -1
+    elif pattern == "long_runs":  # runs of 37 rows (some -1): whole 16-row tiles share one id
+        ids = torch.randint(-1, groups, (n // 37 + 1,)).repeat_interleave(37)[:n]
     elif pattern == "alternate":  # interleaved token by token within a sequence
         ids = torch.arange(n) % groups
     else:
@@ -66,7 +70,7 @@ def run(backend, act, ids, groups, stats=None):
 
 @pytest.mark.parametrize("backend", HERE)
 @pytest.mark.parametrize("nn", [1, 13, 4099])
-@pytest.mark.parametrize("pattern", ["random", "all_skip", "one", "runs", "alternate", "many"])
+@pytest.mark.parametrize("pattern", ["random", "all_skip", "one", "runs", "long_runs", "alternate", "many"])
 def test_matches_reference_fp32(backend, nn, pattern):
     groups = {"one": 1, "many": 50}.get(pattern, 4)
     n = 37 if nn > 1000 else 150
@@ -208,12 +212,27 @@ def test_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.xlkernels, op), args)
 
 
+@pytest.mark.skipif("triton" not in HERE or torch.cuda.is_available(), reason="runs the Triton interpreter")
+@pytest.mark.parametrize("pattern", ["random", "long_runs", "one"])
+def test_triton_gpu_shapes(pattern, monkeypatch):
+    """16x128 tiles and row chunks as on a 4-SM GPU, in the interpreter: several programs add into each
+    (group, neuron) with atomics, and runs cross chunk boundaries."""
+    monkeypatch.setattr(grids, "GPU", {"sms": 4})
+    assert tns.grid_shape(200, 300, *tns.blocks(300), 4) == (3, 5, 48)  # 3 x 5 programs, 48 rows each
+    act = torch.randn(200, 300) * 3
+    act[60, 3] = float("nan")
+    ids = make_ids(pattern, (200,), 5)
+    stats = seeded(5, 300)
+    want = expected(act, ids, stats)
+    assert_stats(run("triton", act, ids, 5, stats), want)
+
+
 # ---- GPU (skipped without one) --------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nn", [1, 13, 4099])
-@pytest.mark.parametrize("pattern", ["random", "runs", "all_skip", "alternate"])
+@pytest.mark.parametrize("pattern", ["random", "runs", "long_runs", "all_skip", "alternate"])
 def test_gpu_matches_reference(backend, dtype, nn, pattern):
     n = 2000 if nn > 1000 else 5000
     act = (torch.randn(n, nn) * 3).to(dtype)

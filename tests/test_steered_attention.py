@@ -10,6 +10,8 @@ import xlkernels
 from xlkernels import backend
 from xlkernels.reference import attention as ref_attn
 from xlkernels.triton import attention as tri
+from xlkernels.triton import attention_bwd as tri_bwd
+from xlkernels.triton import attention_decode as tri_dec
 from xlkernels.triton import grids
 
 HAS_GPU = torch.cuda.is_available()
@@ -319,12 +321,71 @@ def test_torch_compile_fullgraph(be):
         cf = torch.compile(f, fullgraph=True, backend="aot_eager")
         a = cf(q, k, v, gt, sh, mask)
         b = f(q, k, v, gt, sh, mask)
-        ga = torch.autograd.grad(a.sum(), leaves)
-        gb = torch.autograd.grad(b.sum(), leaves)
+        w = torch.randn_like(a)
+        ga = torch.autograd.grad(a, leaves, w)
+        gb = torch.autograd.grad(b, leaves, w)
     torch.testing.assert_close(a, b)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ launch shapes: folded grids, GPU tiles
+
+
+def test_folded_grids(monkeypatch):
+    """(batch, head) pairs folded over grid axes 1 and 2, with spare programs: AXIS_MAX lowered to 4."""
+    monkeypatch.setattr(grids, "AXIS_MAX", 4)
+    assert tri.row_grid(40, 10, 32) == (2, 4, 3)
+    check_case(5, 2, 1, 40, 40, 16, torch.float32, kpm="some", shift="bhd")  # 10 heads in 12 programs
+    assert tri_dec.decode_grids(5, 2)[0] == (2, 3, 2)
+    check_case(5, 2, 1, 3, 40, 16, torch.float32)  # decode: 5 packs of 2 heads in 6 programs
+
+
+# One case per head-dim bucket (odd sizes); each runs every config of its bucket's tables as the GPU would.
+GPU_CASES = [
+    (1, 3, 1, 77, 77, 64, dict(causal=True, kpm="some")),
+    (2, 2, 2, 45, 90, 80, dict(causal=False, sliding_window=40, softcap=20.0, shift="bhd")),
+    (1, 2, 1, 50, 50, 256, dict(causal=True, zero_heads=(1,))),
+]
+TABLES = (tri.FWD_CONFIGS, tri_bwd.DKDV_CONFIGS, tri_bwd.DQ_CONFIGS)
+GPU_PARAMS = [(c, i) for c in GPU_CASES for i in range(max(len(t[tri._dbucket(c[5])]) for t in TABLES))]
+
+
+@pytest.mark.parametrize("case,config", GPU_PARAMS, ids=[f"{_id(c)}-config{i}" for c, i in GPU_PARAMS])
+def test_gpu_tile_configs(case, config, monkeypatch):
+    """The shipped GPU configs (BLOCK_M != BLOCK_N, blocks 16..128) against float64, here in the interpreter."""
+    monkeypatch.setattr(grids, "GPU", {"config": config, "sms": 132})
+    B, H, Hkv, T, S, D, kw = case
+    check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
+
+
+@pytest.mark.parametrize("sms,D,splits", [(1, 64, 1), (3, 64, 3), (132, 64, 5), (132, 256, 4)])
+def test_gpu_decode_splits(sms, D, splits, monkeypatch):
+    """Split-KV decode with the GPU's key block (64; 32 for D > 128) and SM-count-based splits."""
+    monkeypatch.setattr(grids, "GPU", {"sms": sms})
+    B, H, Hkv, T, S = 1, 4, 2 if D <= 128 else 1, 3 if D <= 128 else 1, 300 if D <= 128 else 100
+    block_n = 64 if D <= 128 else 32
+    assert tri_dec.splits(B * Hkv, S, block_n, sms)[0] == splits  # one program per KV head (GQA pack)
+    check_case(B, H, Hkv, T, S, D, torch.float16, kpm="some", sliding_window=250)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_fully_masked_pack(T):
+    """A decode pack whose heads all have gate 0 (no key loop at all, NaN queries) and a fully padded batch row:
+    both give exactly shift; the other heads match the reference."""
+    B, H, Hkv, S, D = 2, 8, 2, 70, 64  # 4 query heads per KV head: packs are heads 0-3 and 4-7
+    q, k, v, gt, sh, mask, _ = make(B, H, Hkv, T, S, D, torch.float16, kpm="full", zero_heads=(0, 1, 2, 3),
+                                    gate_grad=False, device=TDEV)
+    with torch.no_grad():
+        q[:, :4] = float("nan")
+    with backend("triton"), torch.no_grad():
+        out = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh, key_padding_mask=mask)
+    want = sh.detach().half()[None, :, None, :].expand(B, H, T, D)
+    assert torch.equal(out[:, :4], want[:, :4]) and torch.equal(out[0], want[0])
+    ref = ref_attn.steered_attention(q[1:, 4:].double(), k[1:, 1:].double(), v[1:, 1:].double(),  # KV head 1
+                                     gate=gt[1:, 4:].double(), shift=sh[4:].detach().double(), key_padding_mask=mask[1:])
+    assert (out[1:, 4:].double() - ref).abs().max() < 2e-3
 
 
 # ------------------------------------------------------------------ GPU: compiled Triton path, bf16/fp16
