@@ -66,6 +66,13 @@ def why_not(op: str, name: str, device: torch.device) -> "str | None":
     """None if `name` can run `op` on `device`, else what is missing."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {BACKENDS}"
+    if op not in OPS:  # op modules register on import; asking must not depend on what was imported before
+        import importlib
+        try:
+            importlib.import_module(f"xlkernels.ops.{op}")
+        except ModuleNotFoundError as e:
+            if e.name != f"xlkernels.ops.{op}":
+                raise
     if name not in OPS.get(op, ()):
         return f"op {op!r} has no {name!r} backend (it has {OPS.get(op, ())})"
     info = ext_info()
