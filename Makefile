@@ -61,3 +61,10 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# Compile every shipped Triton config for sm_90a (no GPU; 10-14 min cold on 2 cores, cached after); fail on spills
+# inside loops, > 227 KB shared memory or lost wgmma. `make test` checks a subset; `python -m bench.static_report`
+# rewrites the record in bench/results/static/.
+.PHONY: static-check
+static-check: $(STAMP)
+	XLK_STATIC_FULL=1 $(PY) -m pytest -q -ra -m static tests/test_static_report.py
