@@ -380,6 +380,7 @@ def test_triton_gpu_shapes(kind, monkeypatch):
     assert tns.grid_shape(200, 300, *tns.blocks(300), 4) == (3, 5, 48)  # 3 x 5 programs, 48 rows each
     gate, up, ids = inputs((4, 50, 300), torch.float32)
     ids[2:] = runs((2, 50), 23)  # batch 0-1 interleaved, 2-3 in runs across chunk boundaries
+    ids[3, :5] = -1  # left padding before a run: a 16-row tile of padding + one id stays on the uniform path
     check_fused("triton", gate, up, ids, "silu", make_iv(kind, 300), "cpu")
 
 

@@ -29,6 +29,9 @@ def make_ids(pattern, shape, groups):
         ids[::7] = -1
     elif pattern == "long_runs":  # runs of 37 rows (some -1): whole 16-row tiles share one id
         ids = torch.randint(-1, groups, (n // 37 + 1,)).repeat_interleave(37)[:n]
+    elif pattern == "padded_seqs":  # bench_neuron_stats' ids: 32-row sequences, 8 left-padding rows each, so
+        ids = torch.randint(0, groups, (n // 32 + 1,)).repeat_interleave(32)[:n]  # 16-row tiles of padding +
+        ids[torch.arange(n) % 32 < 8] = -1  # one language (uniform path), and tiles across sequences
     elif pattern == "alternate":  # interleaved token by token within a sequence
         ids = torch.arange(n) % groups
     else:
@@ -213,7 +216,7 @@ def test_opcheck(op):
 
 
 @pytest.mark.skipif("triton" not in HERE or torch.cuda.is_available(), reason="runs the Triton interpreter")
-@pytest.mark.parametrize("pattern", ["random", "long_runs", "one"])
+@pytest.mark.parametrize("pattern", ["random", "long_runs", "one", "padded_seqs"])
 def test_triton_gpu_shapes(pattern, monkeypatch):
     """16x128 tiles and row chunks as on a 4-SM GPU, in the interpreter: several programs add into each
     (group, neuron) with atomics, and runs cross chunk boundaries."""
@@ -251,3 +254,15 @@ def test_gpu_opcheck(op):
     args = (torch.randn(257, 300, device="cuda"), make_ids("random", (257,), 3).cuda(), s.tokens, s.positive, s.sum,
             s.sum_sq, s.max)
     torch.library.opcheck(getattr(torch.ops.xlkernels, op), args)
+
+
+def test_tile_paths_bench_ids():
+    """The tile classification (CPU simulation) on bench_neuron_stats' ids: 1 tile in 8 mixes padding with one
+    language (the per-element atomic path before 2026-11-30); none holds two languages, so no tile leaves the
+    uniform path now."""
+    from bench.bench_neuron_stats import make_ids as bench_ids
+    ids = bench_ids(16384, 8)
+    r = tns.tile_paths(ids, 16, tns.grid_shape(16384, 8192, 16, 128, 132)[2])
+    assert r["tiles"] == 1024 and r["mixed_with_padding"] == 128 and r["multi_group"] == 0
+    r = tns.tile_paths(torch.tensor([0, 0, -1, 1, -1, 1, 1, 1, 2, -1, 2, 2]), 4)  # [0,0,-1,1] [-1,1,1,1] [2,-1,2,2]
+    assert (r["mixed_with_padding"], r["multi_group"], r["flushes"]) == (3, 1, 2)

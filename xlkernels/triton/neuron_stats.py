@@ -1,10 +1,20 @@
 """Per-group neuron statistics in Triton (also used by the fused glu kernel in glu.py).
 
-Grid: (neuron blocks, row chunks). A program walks its rows in (BLOCK_R, BLOCK_I) tiles. A tile whose rows all
-share one group id is reduced in registers and added to running float64/int64 accumulators; the accumulators are
-flushed with ONE atomic per (group, neuron) when the group changes (a run ends) or the chunk ends. A tile with
-mixed ids falls back to per-element atomics. max uses an ordered-int atomic (signed max for values >= 0 and
-canonical NaN, unsigned min for negatives), so NaN sticks. tokens are counted with one index_add_ on the host side.
+Grid: (neuron blocks, row chunks). A program walks its rows in (BLOCK_R, BLOCK_I) tiles. A tile whose valid rows
+(id >= 0; padding rows are masked out) all share one group id is reduced in registers and added to running
+float64/int64 accumulators; the accumulators are flushed with ONE atomic per (group, neuron) when the group changes
+(a run ends) or the chunk ends. A tile holding two or more groups flushes the run and adds its rows one by one
+(one atomic per neuron and field per valid row). tile_paths() counts these cases on the CPU for given ids.
+max uses an ordered-int atomic (signed max for values >= 0 and canonical NaN, unsigned min for negatives), so NaN
+sticks. tokens are counted with one index_add_ on the host side.
+
+Precision: inputs are widened to fp32; sums and sums of squares are float64 from the tile on (an fp32 square is
+exact in float64), so the only rounding is float64 addition. For one call over N rows the error of a sum is at
+most (N / BLOCK_R + 15 + number of flushes into that entry) * 2**-53 * sum|x| (recursive summation bound): with
+N = 1e9 tokens in one call and BLOCK_R = 16, about 6.3e7 * 1.1e-16 = 7e-9 of sum|x| in the worst case, and of
+order sqrt(6.3e7) * 1.1e-16 = 1e-12 for random-sign rounding. (fp32 running partials, even folded into float64
+every K = 16 rows, would leave ~16 * 6e-8 = 1e-6 of sum|x| and fail the tests' 1e-12 relative bound; the spills
+came from the per-element atomic path, not from the float64 accumulators, see bench/NOTES.md.)
 """
 import torch
 import triton
@@ -36,36 +46,52 @@ def _flush(g, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_
 
 @triton.jit
 def _consume(x, g, rmask, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_sq, a_mx, cur):
-    """Fold one (BLOCK_R, BLOCK_I) fp32 tile with row ids g into the running accumulators of group `cur`."""
+    """Fold one (BLOCK_R, BLOCK_I) fp32 tile with row ids g into the running accumulators of group `cur`.
+
+    The tile's min/max are taken over its valid ids only (padding rows, id -1, and rows past the end take no
+    part and are masked out of the sums), so a tile of one language plus padding stays on the uniform path:
+    reduced in registers and added to the run. A tile with two or more languages flushes the run and then adds
+    its rows one at a time (row i extracted by a masked column reduction, then one atomic per neuron and field,
+    in row order); that keeps the live registers to a few column vectors (no (BLOCK_R, BLOCK_I) tensors of
+    64-bit pointers and fp64 values, which spilled at 255 registers)."""
     gv = tl.where(rmask, g, -1)
     gmax = tl.max(gv, axis=0)
-    gmin = tl.min(tl.where(rmask, g, 2147483647), axis=0)
-    uniform = gmin == gmax
-    if (cur >= 0) & ((gmin != gmax) | (gmax != cur)):  # run ended: one atomic per (group, neuron)
-        _flush(cur, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_sq, a_mx)
-        a_pos = tl.zeros_like(a_pos)
-        a_sum = tl.zeros_like(a_sum)
-        a_sq = tl.zeros_like(a_sq)
-        a_mx = tl.full(a_mx.shape, float("-inf"), tl.float32)
-        cur = cur * 0 - 1
-    valid = (gv >= 0)[:, None] & cmask[None, :]
-    x64 = x.to(tl.float64)
-    isnan = x != x
-    if uniform:
-        if gmax >= 0:
-            a_pos += tl.sum(tl.where(valid & (x > 0), 1, 0).to(tl.int64), axis=0)
-            a_sum += tl.sum(tl.where(valid, x64, 0.0), axis=0)
-            a_sq += tl.sum(tl.where(valid, x64 * x64, 0.0), axis=0)
-            tmax = tl.max(tl.where(valid & ~isnan, x, float("-inf")), axis=0)
-            tnan = tl.max(tl.where(valid & isnan, 1, 0), axis=0) > 0
+    gmin = tl.min(tl.where(gv >= 0, gv, 2147483647), axis=0)  # over valid ids only
+    if gmax >= 0:
+        if gmin == gmax:  # one language (plus padding): the uniform path
+            if gmax != cur:
+                if cur >= 0:  # run ended: one atomic per (group, neuron)
+                    _flush(cur, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_sq, a_mx)
+                a_pos = tl.zeros_like(a_pos)
+                a_sum = tl.zeros_like(a_sum)
+                a_sq = tl.zeros_like(a_sq)
+                a_mx = tl.full(a_mx.shape, float("-inf"), tl.float32)
+                cur = gmax
+            sel = (gv >= 0)[:, None]
+            isnan = x != x
+            x64 = tl.where(sel, x, 0.0).to(tl.float64)
+            a_pos += tl.sum(tl.where(sel & (x > 0), 1, 0), axis=0).to(tl.int64)
+            a_sum += tl.sum(x64, axis=0)
+            a_sq += tl.sum(x64 * x64, axis=0)
+            tmax = tl.max(tl.where(sel & ~isnan, x, float("-inf")), axis=0)
+            tnan = tl.max(tl.where(sel & isnan, 1, 0), axis=0) > 0
             a_mx = tl.where(tnan | (a_mx != a_mx), float("nan"), tl.maximum(a_mx, tmax))
-            cur = gmax
-    else:  # mixed ids in this tile: per-element atomics
-        offs = tl.maximum(gv, 0).to(tl.int64)[:, None] * I + cols[None, :]
-        tl.atomic_add(pos_ptr + offs, tl.where(x > 0, 1, 0).to(tl.int64), mask=valid)
-        tl.atomic_add(sum_ptr + offs, x64, mask=valid)
-        tl.atomic_add(sq_ptr + offs, x64 * x64, mask=valid)
-        _max_atomic(mx_i32, offs, x, valid)
+        else:  # several languages in this tile: flush the run, then row by row
+            if cur >= 0:
+                _flush(cur, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_pos, a_sum, a_sq, a_mx)
+                a_pos = tl.zeros_like(a_pos)
+                a_sum = tl.zeros_like(a_sum)
+                a_sq = tl.zeros_like(a_sq)
+                a_mx = tl.full(a_mx.shape, float("-inf"), tl.float32)
+                cur = cur * 0 - 1
+            ridx = tl.arange(0, x.shape[0])
+            for i in range(x.shape[0]):
+                gi = tl.max(tl.where(ridx == i, gv, -1), axis=0)
+                if gi >= 0:
+                    xr = tl.sum(tl.where((ridx == i)[:, None], x, 0.0), axis=0)
+                    xr64 = xr.to(tl.float64)
+                    _flush(gi, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, (xr > 0).to(tl.int64), xr64,
+                           xr64 * xr64, xr)
     return a_pos, a_sum, a_sq, a_mx, cur
 
 
@@ -132,3 +158,38 @@ def accumulate(act, ids, tokens, positive, sum_, sum_sq, max_) -> None:
     gx, gy, rows = grid_shape(n, nn, br, bi, grids.sm_count(act.device))
     _stats_kernel[(gx, gy)](act, ids, positive, sum_, sum_sq, max_.view(torch.int32), n, nn, rows,
                             BLOCK_R=br, BLOCK_I=bi, num_warps=4)
+
+
+def tile_paths(ids: torch.Tensor, block_r: int = 16, rows_per_chunk: int = None) -> dict:
+    """Simulate on the CPU how the stats kernels classify the BLOCK_R-row tiles of one column block for these
+    row ids (rows in chunks of rows_per_chunk as grid_shape makes them; one chunk when None). Per tile:
+      mixed_with_padding: its ids, padding (-1) included, are not all equal: the kernel before 2026-11-30 sent
+                          every such tile to per-element fp64 atomics;
+      multi_group:        it holds two or more valid ids: the current kernel adds it row by row (one atomic per
+                          neuron and field per valid row), every other tile stays on the uniform path;
+      flushes:            run flushes of the current kernel (one atomic per neuron and field each).
+    -> counts and the fractions of tiles."""
+    ids = ids.reshape(-1).to(torch.int64).cpu()
+    n = ids.numel()
+    rows_per_chunk = rows_per_chunk or max(n, 1)
+    tiles = mixed = multi = flushes = 0
+    for c0 in range(0, n, rows_per_chunk):
+        c1 = min(c0 + rows_per_chunk, n)
+        cur = -1
+        for r in range(c0, c1, block_r):
+            t = ids[r:min(r + block_r, c1)]
+            tiles += 1
+            mixed += int(t.min() != t.max())
+            valid = t[t >= 0]
+            if valid.numel() == 0:
+                continue
+            if valid.min() == valid.max():
+                flushes += int(cur >= 0 and cur != int(valid[0]))
+                cur = int(valid[0])
+            else:
+                multi += 1
+                flushes += int(cur >= 0)
+                cur = -1
+        flushes += int(cur >= 0)
+    return dict(tiles=tiles, mixed_with_padding=mixed, multi_group=multi, flushes=flushes,
+                frac_mixed_with_padding=mixed / max(tiles, 1), frac_multi_group=multi / max(tiles, 1))
