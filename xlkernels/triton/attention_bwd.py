@@ -186,7 +186,8 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Gate, Kpm,
     bh = folded_id()
     if bh >= BH:
         return
-    b, h, hk, off, m0, offs_m, rows, offs_d, mmask, dmask = _q_block(bh, H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D)
+    b, h, hk, off, m0, offs_m, rows, offs_d, mmask, dmask = _q_block(bh, H, GROUP, T, S, HEAD_D, BLOCK_M, BLOCK_D,
+                                                                     CAUSAL)
     qmask = mmask[:, None] & dmask[None, :]
     g = 1.0
     lo, full_lo, full_hi, hi = _key_ranges(m0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
@@ -262,13 +263,18 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kp_base, sks, svs, start, s
 # Per head-dim bucket; spill-free inside the loops on sm_90 (see attention.FWD_CONFIGS).
 DKDV_CONFIGS = {
     64: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3)],
-    128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3)],
-    256: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 32, 4, 2)],
+    # 2026-11-30: M32 N128 w8 s2 added at D 128 (twice the query depth per wgmma; 80 B spilled outside the
+    # loop, 16 B reloaded inside); at D 256 M16 N32 w4 (56 B spill stores in the loop) replaced by M16 N64 w8,
+    # the first D 256 dK/dV config on wgmma (64-key tile = one warpgroup's M; 132 B reloads in the loop, no
+    # stores). The two mma.sync configs stay for the autotuner.
+    128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    256: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2)],
 }
 DQ_CONFIGS = {
     64: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
     128: [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 3)],
-    256: [_cfg(32, 32, 8, 2), _cfg(32, 16, 4, 2)],
+    # 2026-11-30: was M32 N32 w8 / M32 N16 w4 (mma.sync: 32 query rows < wgmma's 64); all three spill-free
+    256: [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
 
 
