@@ -371,6 +371,67 @@ def test_gpu_decode_splits(sms, D, splits, monkeypatch):
 
 
 @pytest.mark.parametrize("T", [1, 3])
+def test_decode_combine_many_splits(T, monkeypatch):
+    """The parallel combine with a split count that is not a power of two (10 -> 16 lanes, 6 padded), leading
+    splits that see no key (window), and several column blocks per row (COMBINE_TILE lowered: 16 columns of 80)."""
+    monkeypatch.setattr(grids, "GPU", {"sms": 132})
+    monkeypatch.setattr(tri_dec, "COMBINE_TILE", 256)
+    tri_dec.plan.cache_clear()
+    try:
+        B, H, Hkv, S, D = 1, 4, 2, 600, 80
+        p = tri_dec.plan(B, H, T, Hkv, S, D, 128, True, 132)
+        assert (p[4], p[7], p[8], p[9]) == (10, 16, 16, (B * H * T, 5))  # splits, SPLIT_P2, columns, grid
+        assert p[11] == B * H * T * 10 * (D + 1)  # scratch: valid rows only
+        check_case(B, H, Hkv, T, S, D, torch.float16, kpm="some", sliding_window=100)
+    finally:
+        tri_dec.plan.cache_clear()
+
+
+def test_decode_combine_large_scores(monkeypatch):
+    """Split LSEs far beyond fp32's exp2 range (scores ~ +-300 in log2 units): the combine must subtract the
+    max before exponentiating."""
+    monkeypatch.setattr(grids, "GPU", {"sms": 132})
+    B, H, Hkv, T, S, D = 1, 4, 2, 2, 300, 64
+    q, k, v, gt, sh, mask, _ = make(B, H, Hkv, T, S, D, torch.float32, gate_grad=False, device=TDEV)
+    with torch.no_grad():
+        q, k = q * 12, k * 12
+        with backend("triton"):
+            out = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh)
+        ref = ref_attn.steered_attention(q.double(), k.double(), v.double(), gate=gt.double(), shift=sh.double())
+    assert (out.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("T", [3, 40], ids=["decode", "prefill"])
+def test_forward_nonpositive_scale(scale, T):
+    """The forward folds the scale into exp2(x * f - m) with f > 0 (q negated for a negative scale, a zero scale
+    as the smallest normal float): negative and zero scales still match float64, masked keys included."""
+    B, H, Hkv, S, D = 1, 4, 2, 50, 64
+    q, k, v, gt, sh, mask, _ = make(B, H, Hkv, T, S, D, torch.float32, kpm="some", gate_grad=False, device=TDEV)
+    with torch.no_grad():
+        with backend("triton"):
+            out = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh, key_padding_mask=mask, scale=scale)
+        ref = ref_attn.steered_attention(q.double(), k.double(), v.double(), gate=gt.double(), shift=sh.double(),
+                                         key_padding_mask=mask, scale=scale)
+    assert (out.double() - ref).abs().max() < 1e-4
+
+
+def test_decode_plan_and_scratch_cached(monkeypatch):
+    """Host side of a decode step: the launch plan is cached per shape and the partials' scratch reused (no
+    allocation per call once grown); results unchanged."""
+    monkeypatch.setattr(grids, "POISON", False)
+    tri_dec._SCRATCH.clear()
+    B, H, Hkv, T, S, D = 1, 4, 2, 1, 70, 64
+    q, k, v, gt, sh, mask, _ = make(B, H, Hkv, T, S, D, torch.float32, gate_grad=False, device=TDEV)
+    with backend("triton"), torch.no_grad():
+        first = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh)
+        hits, buf = tri_dec.plan.cache_info().hits, next(iter(tri_dec._SCRATCH.values()))
+        again = xlkernels.steered_attention(q, k, v, gate=gt, shift=sh)
+    assert tri_dec.plan.cache_info().hits == hits + 1 and next(iter(tri_dec._SCRATCH.values())) is buf
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("T", [1, 3])
 def test_decode_fully_masked_pack(T):
     """A decode pack whose heads all have gate 0 (no key loop at all, NaN queries) and a fully padded batch row:
     both give exactly shift; the other heads match the reference."""
@@ -449,7 +510,7 @@ def build(fn, ptrs, consts, warps=4, stages=2):
 dt = "bf16"
 c = dict(HEAD_D=80, CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_KPM=True, HAS_GATE=True, UPCAST=False,
          PREC=None, BLOCK_D=128)
-f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Acc="fp32", Ml="fp32", DGate="fp32",
+f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Part="fp32", DGate="fp32",
            DShift="fp32")
 io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
 p = {**io, **f32}
@@ -457,8 +518,8 @@ build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, B
 build(AB._bwd_dkdv_kernel, p, dict(c, BLOCK_M=16, BLOCK_N=64))
 build(AB._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
 build(AD._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
-build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, PACK=4,
-                                 BLOCK_M=16, BLOCK_D=128))
+build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True,
+                                 SPLIT_P2=8, BLOCK_D=128))
 build(AB._bwd_pre_kernel, p, dict(HEAD_D=80, NEED_DGATE=True, NEED_DSHIFT=True, BLOCK_M=64, BLOCK_D=128))
 print("compiled")
 '''

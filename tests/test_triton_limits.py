@@ -117,7 +117,7 @@ def test_attention_grids(rows, heads):
     for sms in (None, 1, 132):
         nsplit, split_len = td.splits(heads, rows, 64, sms)
         assert 1 <= nsplit <= 128 and (nsplit - 1) * split_len < rows <= nsplit * split_len
-        split_grid, combine_grid = td.decode_grids(heads, nsplit)
+        split_grid, combine_grid = td.decode_grids(heads, nsplit, heads, 16)  # combine: rows x column blocks
         assert_fits(split_grid, nsplit, heads)
         assert_fits(combine_grid, heads)
 
