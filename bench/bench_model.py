@@ -10,7 +10,11 @@ Models: a Llama-shaped random model (CPU: small; GPU: Llama-8B-shaped layers, a 
 --model default|all, the embedded Gemma-3-270M. Logits are computed for the last position only
 (logits_to_keep=1) so the numbers measure the decoder stack.
 
-python -m bench.bench_model [--quick] [--device cpu|cuda] [--model llama|default|all]
+--targets: only hf, xlk_off and xlk_on, more rounds, on CPU one thread and process CPU time; xlk_on records
+neurons in prefill only (decode: gates and shifts). Prints the four ratios (off/on x prefill/decode vs hf)
+against their targets (TARGETS) as ok/MISS; records model-targets-<model>.
+
+python -m bench.bench_model [--quick] [--device cpu|cuda] [--model llama|default|all] [--targets]
 """
 import argparse
 
@@ -19,6 +23,7 @@ import torch
 from bench import common
 
 PROVIDERS = ("hf", "xlk_off", "xlk_on", "hooks")
+TARGETS = {"xlk_off": 0.97, "xlk_on": 0.95}  # throughput vs hf, prefill and decode (bench/README.md)
 
 
 def llama(device, dtype, quick):
@@ -91,7 +96,8 @@ def _quantiles(times):
     return {"p50": statistics.median(xs), "p20": q[1], "p80": q[7]}
 
 
-def run_model(model, name, device, quick, rows, B, T, steps):
+def run_model(model, name, device, quick, rows, B, T, steps, providers=PROVIDERS, rounds=None, clock="wall",
+              record_decode=True):
     """Providers are timed round-robin (one call each per round) so machine-load drift hits all alike."""
     import xlkernels
 
@@ -104,7 +110,7 @@ def run_model(model, name, device, quick, rows, B, T, steps):
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     gids = (torch.arange(B, device=device) % 2)[:, None].expand(B, T).contiguous()
     gids1 = gids[:, :1].contiguous()
-    rounds = 3 if quick else (6 if device.type == "cpu" else 10)
+    rounds = rounds or (3 if quick else (6 if device.type == "cpu" else 10))
 
     @torch.no_grad()
     def prefill():
@@ -141,27 +147,39 @@ def run_model(model, name, device, quick, rows, B, T, steps):
         return st
 
     for mode, fn, ntok, gi in (("prefill", prefill, B * T, gids), ("decode", decode, B * steps, gids1)):
-        times = {p: [] for p in PROVIDERS}
+        times = {p: [] for p in providers}
         for r in range(rounds + 1):  # round 0 is warm-up
-            for provider in PROVIDERS:
+            for provider in providers:
                 st = enter(provider, gi)
-                if provider == "xlk_on":
+                if provider == "xlk_on" and (mode == "prefill" or record_decode):
                     def call(fn=fn, st=st):
                         with st.record_neurons(gi, 2):
                             fn()
                 else:
                     call = fn
-                t = common.timeit(call, warmup=0, rep=1, device=device)
+                t = common.timeit(call, warmup=0, rep=1, device=device, clock=clock)
                 if r:
                     times[provider].append(t["p50"])
         enter("hf", gi)
         shape = {"model": name, "B": B, "T": T} if mode == "prefill" else \
             {"model": name, "B": B, "cache": T, "steps": steps}
-        for provider in PROVIDERS:
+        for provider in providers:
             t = _quantiles(times[provider])
             r = common.rate(t, ntok, 1.0)
             rows.append(common.row("model", provider, mode, shape, "tokens/s", r, ms=t["p50"]))
             print(f"{name:14s} {mode:8s} {provider:8s} {r['p50']:12.1f} tokens/s  ({t['p50']:.1f} ms)", flush=True)
+
+
+def check_targets(rows) -> list:
+    """Lines 'model mode provider ratio >= target ok|MISS' for the providers in TARGETS."""
+    out = []
+    for r in rows:
+        want = TARGETS.get(r["provider"])
+        if want is not None and r.get("speedup") is not None:
+            ok = "ok" if r["speedup"] >= want else "MISS"
+            out.append(f"{r['shape']['model']:14s} {r['mode']:8s} {r['provider']:8s} {r['speedup']:.3f}x vs hf "
+                       f"(target >= {want}) {ok}")
+    return out
 
 
 def main(argv=None):
@@ -169,26 +187,40 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--model", choices=("llama", "default", "all"), default="llama")
+    p.add_argument("--targets", action="store_true", help="hf/xlk_off/xlk_on only; print the targets' ok/MISS")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per mode (default: 3 quick, 6 CPU, "
+                   "10 GPU; --targets: 5 quick, 15)")
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else common.default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    providers, clock, rounds = PROVIDERS, "wall", args.rounds
+    if args.targets:
+        providers, rounds = ("hf", "xlk_off", "xlk_on"), rounds or (5 if args.quick else 15)
+        if device.type == "cpu":  # shared machine: one thread, process CPU time
+            torch.set_num_threads(1)
+            clock = "cpu"
     rows = []
     if args.model in ("llama", "all"):
         model, name = llama(device, dtype, args.quick)
         B, T, steps = ((8, 2048, 16) if not args.quick else (4, 512, 8)) if device.type == "cuda" else \
             ((4, 256, 8) if not args.quick else (2, 64, 4))
-        run_model(model, "llama", device, args.quick, rows, B, T, steps)
+        run_model(model, "llama", device, args.quick, rows, B, T, steps, providers, rounds, clock, not args.targets)
         del model
     if args.model in ("default", "all"):
         model, name = default_model(device, dtype, args.quick)
         B, T, steps = (8, 512, 16) if device.type == "cuda" else ((4, 64, 4) if not args.quick else (2, 32, 2))
-        run_model(model, name, device, args.quick, rows, B, T, steps)
+        run_model(model, name, device, args.quick, rows, B, T, steps, providers, rounds, clock, not args.targets)
     rows = common.ratio(rows, "hf")
     for r in rows:
         if r["provider"] != "hf":
             print(f"{r['shape']['model']:14s} {r['mode']:8s} {r['provider']:8s} vs hf: {r['speedup']:.3f}x")
-    meta = {"note": "CPU numbers from a shared 2-core machine are indicative"}
-    path = common.record(rows, f"model-{args.model}" + ("-quick" if args.quick else ""), meta=meta)
+    meta = {"note": "CPU numbers from a shared 2-core machine are indicative", "clock": clock}
+    if args.targets:
+        lines = check_targets(rows)
+        print("\n".join(["targets:"] + lines))
+        meta["targets"] = lines
+    name = "model-" + ("targets-" if args.targets else "") + args.model + ("-quick" if args.quick else "")
+    path = common.record(rows, name, meta=meta)
     print("wrote", path)
     return 0
 

@@ -23,7 +23,8 @@ _SUBMODULES = ("ops", "hf", "models", "analysis", "reference")
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)  # later lookups are plain
+        return value
     if name in _SUBMODULES:
         return importlib.import_module(f"xlkernels.{name}")
     raise AttributeError(f"module 'xlkernels' has no attribute {name!r}")

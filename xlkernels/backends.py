@@ -2,7 +2,9 @@
 
 Backends: 'cuda' (compiled CUDA C++), 'triton', 'cpu' (compiled C++), 'reference' (pure PyTorch).
 Order of precedence: `with xlkernels.backend(...)`, then env XLKERNELS_BACKEND, then the default
-for the tensor's device. A forced backend that cannot run raises BackendUnavailable naming what is missing.
+for the tensor's device: on CUDA, ops listed in xlkernels.dispatch (steered_attention) pick per call from its
+rule table, given the call's Facts. A forced backend that cannot run raises BackendUnavailable naming what is
+missing.
 """
 import contextlib
 import contextvars
@@ -11,6 +13,7 @@ import os
 
 import torch
 
+from . import dispatch
 from ._ext import ext_info
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -105,29 +108,55 @@ def _default(op: str, device: torch.device) -> str:
     return "reference"
 
 
-def select(op: str, device: "torch.device | str") -> str:
-    """The backend that runs `op` for tensors on `device`. Under torch.compile the choice is made once, at trace
-    time (a ContextVar cannot be traced)."""
+def select(op: str, device: "torch.device | str", facts: "dispatch.Facts | None" = None) -> str:
+    """The backend that runs `op` for tensors on `device`. With `facts` (a dispatch.Facts) an unforced op on CUDA
+    is picked by the dispatch rule table. Under torch.compile the forced/available part is fixed once, at trace
+    time (a ContextVar cannot be traced); the rules are traced (guards on the shapes they compare)."""
+    ruled = facts is not None
     if torch.compiler.is_compiling():
-        return _select_at_trace(op, str(device))
-    return _select(op, device)
+        name, available = _select_at_trace(op, str(device), ruled)
+    else:
+        name, available = _select(op, device, ruled)
+    return name if name is not None else dispatch.choose(facts, available)
 
 
 @torch.compiler.assume_constant_result
-def _select_at_trace(op: str, device: str) -> str:
-    return _select(op, device)
+def _select_at_trace(op: str, device: str, ruled: bool) -> tuple:
+    return _select(op, device, ruled)
 
 
-def _select(op: str, device: "torch.device | str") -> str:
+def forced(op: str) -> "str | None":
+    """The backend forced for `op` by `with backend(...)` or XLKERNELS_BACKEND, else None."""
+    name = _forced.get()
+    if isinstance(name, dict):
+        name = name.get(op)
+    return name or os.environ.get("XLKERNELS_BACKEND") or None
+
+
+# Unforced choices per (op, device, ruled): what can run does not change within a process (clear this after
+# patching why_not in a test). A model forward asks several times per layer.
+_unforced: dict = {}
+
+
+def _select(op: str, device: "torch.device | str", ruled: bool = False) -> tuple:
+    """(forced or default backend, ()) or, when the rule table decides, (None, the backends it may pick)."""
+    name = forced(op)
+    if name is None:
+        key = (op, device, ruled)
+        hit = _unforced.get(key)
+        if hit is None:
+            hit = _unforced[key] = _unforced_choice(op, torch.device(device), ruled)
+        return hit
     device = torch.device(device)
-    forced = _forced.get()
-    if isinstance(forced, dict):
-        forced = forced.get(op)
-    if forced is None:
-        forced = os.environ.get("XLKERNELS_BACKEND") or None
-    if forced is None:
-        return _default(op, device)
-    reason = why_not(op, forced, device)
+    reason = why_not(op, name, device)
     if reason is not None:
-        raise BackendUnavailable(f"xlkernels: backend {forced!r} cannot run {op!r} on {device}: {reason}")
-    return forced
+        raise BackendUnavailable(f"xlkernels: backend {name!r} cannot run {op!r} on {device}: {reason}")
+    return name, ()
+
+
+def _unforced_choice(op: str, device: torch.device, ruled: bool) -> tuple:
+    if ruled and device.type == "cuda" and op in dispatch.OPS:
+        available = tuple(b for b in ("cuda", "triton") if why_not(op, b, device) is None)
+        if available:
+            return None, available
+    return _default(op, device), ()

@@ -114,8 +114,9 @@ void fwd(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out, co
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / a.nn);
     at::parallel_for(0, a.n, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t b = 0; b < blocks; ++b)
-        fwd_rows<T, ACT, false>(g, u, y, a, r0, r1, b * kBlock, std::min(kBlock, a.nn - b * kBlock));
+      for (int64_t r = r0; r < r1; ++r)  // rows in memory order
+        for (int64_t b = 0; b < blocks; ++b)
+          fwd_rows<T, ACT, false>(g, u, y, a, r, r + 1, b * kBlock, std::min(kBlock, a.nn - b * kBlock));
     });
   }
 }

@@ -87,6 +87,14 @@ void fwd_rows(const T* gate, const T* up, T* out, const Args& a, int64_t r0, int
     const T* __restrict__ x = gate + off;
     const T* __restrict__ u = up + off;
     T* __restrict__ y = out + off;
+    if (STATS && r + 2 < r1) {  // a neuron block walks rows nn apart: prefetch two rows ahead
+      const int64_t ahead = 2 * a.nn, bytes = w * static_cast<int64_t>(sizeof(T));
+      for (int64_t k = 0; k < bytes; k += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(x + ahead) + k, 0, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(u + ahead) + k, 0, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(y + ahead) + k, 1, 3);
+      }
+    }
     for (int64_t j = 0; j < w; ++j) {
       const float xf = ld(x[j]);
       v[j] = xf * sig<ACT>(xf);

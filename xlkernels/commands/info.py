@@ -41,7 +41,30 @@ def report(device=None) -> str:
         except backends.BackendUnavailable as e:
             chosen = f"unavailable: {e}"
         lines.append(f"  {op:<20} {chosen}   (has {', '.join(backends.OPS[op])})")
-    return "\n".join(lines)
+    return "\n".join(lines + _dispatch_lines(device))
+
+
+# (label, Facts fields other than capability) of calls the dispatch table is shown on
+SHAPES = (("prefill T=S=4096 D=128 bf16", dict(head_dim=128, T=4096, S=4096)),
+          ("decode T=1 S=4096 D=128 bf16", dict(head_dim=128, T=1, S=4096)),
+          ("prefill, 50% heads masked", dict(head_dim=128, T=4096, S=4096, masked_heads=True)),
+          ("prefill, gate gradient", dict(head_dim=128, T=4096, S=4096, gate_grad=True)),
+          ("prefill, softcap (Gemma2)", dict(head_dim=256, T=4096, S=4096, softcap=True)))
+
+
+def _dispatch_lines(device) -> list:
+    from xlkernels import backends, dispatch
+    cap = dispatch.capability(device) if device.type == "cuda" else (9, 0)
+    lines = [f"steered_attention on CUDA: rule table (xlkernels/dispatch.py; first match wins; "
+             f"{'default' if dispatch.RULES is dispatch.DEFAULT_RULES else 'replaced by set_rules'}):"]
+    lines += [f"  {i}. {dispatch.describe(r)}" for i, r in enumerate(dispatch.RULES, 1)]
+    forced = backends.forced("steered_attention")
+    note = f"forced: {forced}" if forced else "if both backends are available; a forced backend wins"
+    lines.append(f"  picks on sm_{cap[0]}{cap[1]}" + ("" if device.type == "cuda" else " (example)") + f" ({note}):")
+    for label, kw in SHAPES:
+        pick = forced or dispatch.choose(dispatch.Facts(capability=cap, **kw))
+        lines.append(f"    {label:<30} {pick}")
+    return lines
 
 
 def run(args) -> int:

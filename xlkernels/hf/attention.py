@@ -74,8 +74,9 @@ def attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling
         raise NotImplementedError("xlkernels attention does not return attention weights (output_attentions)")
     steerer = module.__dict__.get("_xlk_steerer")
     gate = shift = capture = None
+    masked = False
     if steerer is not None:
-        gate, shift, capture = steerer._attn_args(module.layer_idx, query)
+        gate, shift, capture, masked = steerer._attn_args(module.layer_idx, query)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -97,7 +98,7 @@ def attention_fn(module, query, key, value, attention_mask, dropout=0.0, scaling
         fused = capture is None
         out = steered_attention(query, key, value, gate=gate if fused else None, shift=shift if fused else None,
                                 causal=bool(is_causal), scale=scale, key_padding_mask=kpm,
-                                sliding_window=sliding_window, softcap=softcap)
+                                sliding_window=sliding_window, softcap=softcap, masked_heads=masked and fused)
     out = out.transpose(1, 2)  # (B,T,H,D)
     if not fused:
         if capture is not None:

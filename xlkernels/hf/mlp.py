@@ -1,11 +1,16 @@
-"""Gated-MLP forward routed through xlkernels.glu, bound per MLP instance (no class is modified)."""
+"""Gated-MLP forward routed through xlkernels.glu, bound per MLP instance (no class is modified). On the CPU
+backend with nothing to record or edit and decode-sized inputs, the MLP's own activation runs (HF's exact
+expression)."""
 import types
+
+from .. import backends
+from ..ops.glu import glu, glu_checked
+
+SMALL = 1 << 16  # elements of the gate projection up to which the unfused expression runs on CPU
 
 
 def glu_forward(self, x):
     """act(gate(x)) * up(x) -> down, with the steerer's neuron stats and interventions fused into glu."""
-    from xlkernels import glu
-
     st = self.__dict__["_xlk_steerer"]
     if not st._active:
         return self._xlk_orig_forward(x)
@@ -14,8 +19,14 @@ def glu_forward(self, x):
         g, u = getattr(self, arch.gate_up)(x).chunk(2, dim=-1)
     else:
         g, u = getattr(self, arch.gate)(x), getattr(self, arch.up)(x)
-    stats, group_ids, iv = st._mlp_args(self._xlk_layer, g)
-    h = glu(g, u, self._xlk_act, stats=stats, group_ids=group_ids, intervention=iv)
+    stats, group_ids, iv, checked = st._mlp_args(self._xlk_layer, g)
+    if stats is None and iv is None and g.numel() <= SMALL and backends.select("glu", g.device) == "cpu":
+        h = getattr(self, arch.act)(g) * u  # nothing to fuse, decode-sized: HF's expression was faster (NOTES.md)
+    elif checked:
+        mul, add = (None, None) if iv is None else (iv.mul, iv.add)
+        h = glu_checked(g, u, self._xlk_act, group_ids if stats is not None else None, mul, add, stats)
+    else:
+        h = glu(g, u, self._xlk_act, stats=stats, group_ids=group_ids, intervention=iv)
     return getattr(self, arch.down)(h)
 
 

@@ -4,15 +4,18 @@ import contextlib
 import torch
 
 from .. import _checks
+from ..stats import _canonical_nan_
 
 _STAT_FIELDS = ("tokens", "positive", "sum", "sum_sq", "max")
 
 
 class _Record:
-    def __init__(self, group_ids, num_groups, num_layers):
+    def __init__(self, group_ids, num_groups, num_layers, into):
         self.group_ids, self.num_groups = group_ids, num_groups
         self.per_layer = [None] * num_layers
         self.ids_on = {}
+        self.into = into                   # fresh (L, G, I) stats that layers on its device accumulate into
+        self.direct = [False] * num_layers  # layer's stats are a view of `into`
 
 
 class HeadCapture:
@@ -69,6 +72,8 @@ class Steerer:
     gate  (L,H) or (B,L,H): multiplies each head's attention output (1 = unchanged, 0 = head masked).
     shift (L,H,D) or (B,L,H,D): added to each head's output after the gate.
     Both may require grad; gradients flow through the fused attention kernel.
+    Assign them or edit them in place (not through `.data`): which layers have a gate of 1 or a shift of 0 (and
+    skip that work) is recomputed when the tensors' version counters change, never per forward.
     """
 
     def __init__(self, model, arch, config, layers, orig_impl):
@@ -97,6 +102,7 @@ class Steerer:
         self._ivs = [None] * L
         self._iv_cache = {}
         self._views = None
+        self._flags = (self._gate, 0, self._shift, 0, [(True, False, True)] * L)  # known: no need to read them
 
     @property
     def gate(self) -> torch.Tensor:
@@ -207,20 +213,27 @@ class Steerer:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         _checks.ids_in_range(group_ids, "group_ids", int(num_groups))
         L, I, G = self.num_layers, self.num_neurons, int(num_groups)
-        if stats is None:
+        fresh = stats is None
+        if fresh:
             stats = NeuronStats.empty(G, I, device=group_ids.device, layers=L)
         elif tuple(stats.positive.shape) != (L, G, I):
             raise ValueError(f"stats must have shape ({L}, {G}, {I}) (layers, groups, neurons), "
                              f"got {tuple(stats.positive.shape)}")
         if self._record is not None:
             raise RuntimeError("record_neurons is already active")
-        rec = _Record(group_ids, G, L)
+        rec = _Record(group_ids, G, L, stats if fresh else None)
         self._record = rec
         try:
             yield stats
         finally:
             self._record = None
         dev = stats.positive.device
+        if fresh:  # layers on stats' device accumulated in place; merge the others
+            for l, s in enumerate(rec.per_layer):
+                if s is not None and not rec.direct[l]:
+                    stats.layer(l).merge(_stats_to(s, dev))
+            _canonical_nan_(stats.max)
+            return
         per = [s if s is not None else NeuronStats.empty(G, I, device=dev) for s in rec.per_layer]
         new = NeuronStats.stack([_stats_to(s, dev) for s in per])
         merged = stats.merge(new) or stats
@@ -256,7 +269,7 @@ class Steerer:
     def unsteered(self):
         """Gates 1, shifts 0, no shift bank or language selection and no neuron interventions for the
         duration, on the patched path (capture_heads and record_neurons still work); restores the state."""
-        keep = ("_gate", "_shift", "_bank", "_alpha", "_lang", "_ivs")
+        keep = ("_gate", "_shift", "_bank", "_alpha", "_lang", "_ivs", "_flags")
         saved = {k: getattr(self, k) for k in keep}
         self.reset()
         try:
@@ -287,7 +300,8 @@ class Steerer:
         """Per-layer (gate, shift) on `dev`, cached while the gate/shift tensors are the same objects and need
         no grad (views: in-place edits show through)."""
         c = self._views
-        if c is not None and c[0] is self._gate and c[1] is self._shift and c[2] == dev:
+        if c is not None and c[0] is self._gate and c[1] is self._shift and c[2] == dev and not (
+                self._gate.requires_grad or self._shift.requires_grad):  # requires_grad_() after caching
             return c[3]
         g, s = self._gate.to(dev), self._shift.to(dev)
         per = [(g[l] if g.dim() == 2 else g[:, l], s[l] if s.dim() == 3 else s[:, l])
@@ -297,23 +311,48 @@ class Steerer:
             self._views = (self._gate, self._shift, dev, per)
         return per
 
+    def _layer_flags(self):
+        """Per layer (gate is all 1, gate holds a 0, shift is all 0). Recomputed (one read of gate and shift) only
+        after they were assigned or edited in place."""
+        g, s, c = self._gate, self._shift, self._flags
+        if c is not None and c[0] is g and c[1] == g._version and c[2] is s and c[3] == s._version:
+            return c[4]
+        L = self.num_layers
+        with torch.no_grad():
+            gl = g.reshape(-1, L, self.num_heads).transpose(0, 1).reshape(L, -1)
+            sl = s.reshape(-1, L, self.num_heads * self.head_dim).transpose(0, 1).reshape(L, -1)
+            flags = torch.stack([(gl == 1).all(1), (gl == 0).any(1), (sl == 0).all(1)], 1).tolist()
+        self._flags = (g, g._version, s, s._version, flags)
+        return flags
+
     def _attn_args(self, layer, q):
+        """(gate, shift, capture, masked_heads) for one layer's attention; gate/shift None where they change
+        nothing (no epilogue runs)."""
         if not self._active:
-            return None, None, None
+            return None, None, None, False
         dev = q.device
+        masked = False
+        bank = self._bank is not None and self._lang is not None
         if torch.compiler.is_compiling():
             g = self._gate[layer] if self._gate.dim() == 2 else self._gate[:, layer]
             s = self._shift[layer] if self._shift.dim() == 3 else self._shift[:, layer]
             g, s = g.to(dev), s.to(dev)
         else:
             g, s = self._layer_views(dev)[layer]
-        if self._bank is not None and self._lang is not None:
+            one, masked, still = self._layer_flags()[layer]
+            if self._gate.requires_grad:  # a gate or shift that needs grad is never dropped
+                one = masked = False
+            g = None if one else g
+            s = None if still and not bank and not self._shift.requires_grad else s
+        if bank:
             lang = self._lang if self._lang.device == self._bank.device else self._lang.to(self._bank.device)
             s = (s.to(self._bank.device) + self._alpha * self._bank[lang, layer]).to(dev)
         cap = self._capture
-        return g, s, (cap._store if cap is not None else None)
+        return g, s, (cap._store if cap is not None else None), masked
 
     def _mlp_args(self, layer, g):
+        """(stats, group_ids, intervention, checked). checked: the arguments need no per-layer checks (ids were
+        checked by record_neurons and are flat int64 here), so the MLP calls glu_checked."""
         dev = g.device
         stats = group_ids = None
         rec = self._record
@@ -323,12 +362,16 @@ class Steerer:
                                  f"has (batch, tokens) = {tuple(g.shape[:-1])}")
             group_ids = rec.ids_on.get(dev)
             if group_ids is None:
-                group_ids = rec.ids_on[dev] = rec.group_ids.to(dev)
-            if rec.per_layer[layer] is None:
-                from xlkernels import NeuronStats
-
-                rec.per_layer[layer] = NeuronStats.empty(rec.num_groups, self.num_neurons, device=dev)
+                group_ids = rec.ids_on[dev] = rec.group_ids.to(dev).reshape(-1).to(torch.int64).contiguous()
             stats = rec.per_layer[layer]
+            if stats is None:
+                if rec.into is not None and rec.into.device == dev:
+                    stats, rec.direct[layer] = rec.into.layer(layer), True
+                else:
+                    from xlkernels import NeuronStats
+
+                    stats = NeuronStats.empty(rec.num_groups, self.num_neurons, device=dev)
+                rec.per_layer[layer] = stats
         iv = self._ivs[layer]
         if iv is not None:
             key = (layer, dev)
@@ -341,7 +384,11 @@ class Steerer:
                     raise ValueError(f"layer {layer} has a per-group neuron intervention; give group ids with "
                                      "select_languages(ids) or record_neurons(group_ids, ...)")
                 group_ids = self._lang.to(dev)[:, None].expand(g.shape[:-1])
-        return stats, group_ids, iv
+            if iv.mul.dim() == 2:  # per-group: glu checks its ids against the intervention's groups
+                if rec is not None and group_ids is rec.ids_on[dev]:
+                    group_ids = rec.group_ids.to(dev)
+                return stats, group_ids, iv, False
+        return stats, group_ids, iv, True
 
 
 def _stats_to(s, dev):

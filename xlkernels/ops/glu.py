@@ -17,6 +17,7 @@ from .. import _checks, backends
 from ..intervention import NeuronIntervention
 from ..reference import glu as ref
 from ..stats import NeuronStats
+from . import _direct
 from . import neuron_stats as ns
 
 backends.register_op("glu", ("cuda", "triton", "cpu", "reference"))
@@ -164,14 +165,21 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", *, stats
         ids = ns.check_group_ids(group_ids, gate.shape[:-1], gate.device, num_groups)
         if num_groups is None:
             ids = None  # neither stats nor a per-group intervention: the kernel does not need them
-    shape = gate.shape
-    g2, u2 = gate.reshape(-1, n_neurons).contiguous(), up.reshape(-1, n_neurons).contiguous()
+    return glu_checked(gate, up, activation, ids, mul, add, stats)
+
+
+def glu_checked(gate, up, activation: str, ids, mul, add, stats) -> torch.Tensor:
+    """glu on arguments already checked: ids flat int64 (None unless stats or a per-group mul/add need them),
+    mul/add from a NeuronIntervention, stats a (G, I) NeuronStats. The patched HF MLPs call this (their
+    arguments are checked once per record_neurons / set_neuron_intervention, not per layer)."""
     backend = backends.select("glu", gate.device)
+    shape, n_neurons = gate.shape, gate.shape[-1]
+    g2, u2 = gate.reshape(-1, n_neurons).contiguous(), up.reshape(-1, n_neurons).contiguous()
     if backend == "reference":
         return _reference(g2, u2, activation, ids, mul, add, stats).reshape(shape)
     names = _OPS[backend]
     if stats is None:
-        out = getattr(torch.ops.xlkernels, names[0])(g2, u2, activation, ids, mul, add)
+        out = _direct.call(getattr(torch.ops.xlkernels, names[0]), (g2, u2, activation, ids, mul, add), (g2, u2))
     else:
         st = (stats.tokens, stats.positive, stats.sum, stats.sum_sq, stats.max)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):

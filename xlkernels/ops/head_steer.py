@@ -19,6 +19,7 @@ import torch
 
 from .. import _checks, backends
 from ..reference import head_steer as ref
+from . import _direct
 
 backends.register_op("head_steer", ("cuda", "triton", "cpu", "reference"))
 
@@ -122,4 +123,4 @@ def head_steer(o: torch.Tensor, gate: "torch.Tensor | None" = None, shift: "torc
         return ref.head_steer(o, gate, shift)
     if backend == "triton":
         return _fwd_triton(o, gate, shift)
-    return torch.ops.xlkernels.head_steer(o, gate, shift)
+    return _direct.call(torch.ops.xlkernels.head_steer, (o, gate, shift), (o, gate, shift))

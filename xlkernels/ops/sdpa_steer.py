@@ -8,15 +8,36 @@ window W keeps 0 <= d < W.
 import torch
 
 
+_masks: dict = {}  # (T, S, window, device) -> (1,1,T,S) causal(+window) mask, the last few shapes
+
+
+def _causal(T, S, window, device):
+    d = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None, :]
+    keep = d >= 0
+    if window is not None:
+        keep = keep & (d < window)
+    return keep.view(1, 1, T, S)
+
+
+def _causal_cached(T, S, window, device):
+    if torch.compiler.is_compiling():
+        return _causal(T, S, window, device)
+    key = (T, S, window, device)
+    keep = _masks.get(key)
+    if keep is None:
+        keep = _causal(T, S, window, device)
+        if T * S <= 1 << 22:  # at most 4 MB each
+            if len(_masks) >= 8:
+                _masks.pop(next(iter(_masks)))
+            _masks[key] = keep
+    return keep
+
+
 def _keep(B, T, S, causal, window, key_padding_mask, device):
     """(B,1,T,S) bool (True = attend), or None when every key is visible."""
     keep = None
     if causal or window is not None:
-        d = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None, :]
-        keep = d >= 0
-        if window is not None:
-            keep = keep & (d < window)
-        keep = keep.view(1, 1, T, S)
+        keep = _causal_cached(T, S, window, device)
     if key_padding_mask is not None:
         kp = key_padding_mask.view(B, 1, 1, S)
         keep = kp if keep is None else keep & kp
@@ -44,6 +65,8 @@ def attention(q, k, v, causal, scale, key_padding_mask, window, softcap):
     """(B,H,T,D) raw attention (no epilogue)."""
     B, H, T, D = q.shape
     S = k.shape[2]
+    if causal and window is not None and S <= window:  # no visible key is W or more behind its query
+        window = None
     if softcap is not None:
         return _softcap_attention(q, k, v, scale, softcap, _keep(B, T, S, causal, window, key_padding_mask, q.device))
     gqa = k.shape[1] != H

@@ -4,7 +4,8 @@ out[b,h] = gate[b,h] * softmax(mask(softcap(scale * q k^T))) v + shift[b,h]
 
 Backends: 'triton' (fused forward + FlashAttention-2 backward; d gate and d shift come out of the backward's
 rowsum(dO*O) pass), 'cpu'/'cuda' (torch SDPA, or math attention when softcap is set, then the head_steer
-epilogue; no head skipping), 'reference' (pure PyTorch in the input dtype).
+epilogue; no head skipping), 'reference' (pure PyTorch in the input dtype). On CUDA the rule table in
+xlkernels/dispatch.py picks 'triton' or 'cuda' per call (backends.select).
 Triton details: T <= 16 (decode) runs a split-KV flash-decoding kernel whose programs take all query heads of
 one KV head (K/V read once per GQA group) and a merge kernel that applies the epilogue; longer T runs the
 FlashAttention-2 forward. A gate == 0 that needs no grad skips that head's key loop (forward and backward).
@@ -16,9 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks, backends
+from .. import _checks, backends, dispatch
 from ..reference import attention as ref
-from . import sdpa_steer
+from . import _direct, sdpa_steer
+from . import head_steer as hs
 
 OP = "steered_attention"
 backends.register_op(OP, ("cuda", "triton", "cpu", "reference"))
@@ -76,7 +78,7 @@ def _validate(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_win
 def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor] = None,
                       shift: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
                       key_padding_mask: Optional[Tensor] = None, sliding_window: Optional[int] = None,
-                      softcap: Optional[float] = None) -> Tensor:
+                      softcap: Optional[float] = None, masked_heads: bool = False) -> Tensor:
     """Attention with a per-head gate and shift: q (B,H,T,D), k/v (B,Hkv,S,D) -> (B,H,T,D).
 
     gate None|(H,)|(B,H), shift None|(H,D)|(B,H,D), broadcast over T. Causal masking is aligned bottom-right
@@ -84,6 +86,8 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
     softcap c maps scores s -> c*tanh(s/c) before masking; key_padding_mask (B,S) bool, True = real token.
     A row that sees no key outputs `shift` (0 without shift). scale defaults to D**-0.5.
     gate == 0 with a gate that needs no grad is a hard head mask: the triton backend skips those heads.
+    masked_heads: a hint that gate holds such zeros (not checked: reading gate would sync with the device); on
+    CUDA the dispatch rules then prefer the fused kernel.
     Differentiable in q, k, v, gate and shift. On the triton backend the result is a transposed view of
     (B,T,H,D) memory.
     """
@@ -92,7 +96,12 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
         scale = D ** -0.5
     scale = float(scale)
     softcap = None if softcap is None else float(softcap)
-    which = backends.select(OP, q.device)
+    facts = None
+    if q.device.type == "cuda":
+        gate_grad = gate is not None and torch.is_grad_enabled() and gate.requires_grad
+        facts = dispatch.Facts(dispatch.capability(q.device), D, T, S, dispatch.dtype_name(q.dtype), gate_grad,
+                               bool(masked_heads) and gate is not None and not gate_grad, softcap is not None)
+    which = backends.select(OP, q.device, facts)
     if which == "reference":
         return ref.steered_attention(q, k, v, gate=gate, shift=shift, causal=causal, scale=scale,
                                      key_padding_mask=key_padding_mask, sliding_window=sliding_window,
@@ -106,7 +115,6 @@ def steered_attention(q: Tensor, k: Tensor, v: Tensor, *, gate: Optional[Tensor]
 
 
 def _head_steer(o_bthd, gate, shift):
-    from . import head_steer as hs
     if gate is not None and gate.dtype == torch.float64:
         gate = gate.float()
     if shift is not None and shift.dtype == torch.float64:
@@ -114,9 +122,8 @@ def _head_steer(o_bthd, gate, shift):
     if not hs.HAS_COMPILED:
         return hs.head_steer(o_bthd, gate, shift)
     # the backend is already chosen ('cpu'/'cuda'): call the compiled epilogue op directly (keeps
-    # torch.compile(fullgraph=True) free of a second, untraceable backend lookup)
-    hs.check_args(o_bthd, gate, shift)
-    return torch.ops.xlkernels.head_steer(o_bthd, gate, shift)
+    # torch.compile(fullgraph=True) free of a second, untraceable backend lookup); _validate checked gate/shift
+    return _direct.call(torch.ops.xlkernels.head_steer, (o_bthd, gate, shift), (o_bthd, gate, shift))
 
 
 def _sdpa_steer(q, k, v, gate, shift, causal, scale, key_padding_mask, sliding_window, softcap):
