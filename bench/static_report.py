@@ -1,6 +1,6 @@
 """Static performance record of every shipped Triton config, compiled for sm_90a without a GPU.
 
-python -m bench.static_report [--subset] [--jobs N] [--out DIR] [--json FILE] [--no-cache]
+python -m bench.static_report [--subset] [--jobs N] [--out DIR] [--json FILE] [--no-cache] [--atomic-dq]
 
 The host code of each op (attention forward/backward/decode, glu, neuron_stats, head_steer) is called on meta
 tensors with every kernel launch recorded, so the configs, constexprs and argument values are exactly the ones
@@ -83,7 +83,8 @@ def _recording(calls, tag):
                 setattr(m, name, _Launch(obj.fn, obj.configs, calls, tag))
     att = mods[0]
     saved.append((att, "_tuned", att._tuned))
-    att._tuned = lambda kernel, table, bucket: _Launch(getattr(kernel, "jit", kernel), table[bucket], calls, tag)
+    att._tuned = lambda kernel, table, bucket, reset=(): _Launch(getattr(kernel, "jit", kernel), table[bucket],
+                                                                 calls, tag)
     try:
         yield
     finally:
@@ -422,11 +423,19 @@ def main(argv=None):
                    help="directory for sm90a.md and sm90a.json (default bench/results/static)")
     p.add_argument("--json", default=None, help="write only this JSON file (no Markdown)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--atomic-dq", action="store_true",
+                   help="only the backward, with the non-deterministic atomic-dQ path (XLKERNELS_DETERMINISTIC=0); "
+                        "its rows are labelled variant+atomic-dq")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the real launch paths (kernels are imported after this)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
     t0 = time.perf_counter()
+    if args.atomic_dq:
+        from xlkernels.triton import attention_bwd
+        attention_bwd.DETERMINISTIC = False
     rows = jobs(**SUBSET) if args.subset else jobs()
+    if args.atomic_dq:
+        rows = [dict(r, variant=r["variant"] + "+atomic-dq") for r in rows if r["op"] == "bwd"]
     rows, compiled = run(rows, use_cache=not args.no_cache, workers=args.jobs)
     m = meta(time.perf_counter() - t0, compiled)
     doc = {"meta": m, "rows": rows}

@@ -330,6 +330,51 @@ def test_torch_compile_fullgraph(be):
     torch._dynamo.reset()
 
 
+# ------------------------------------------------------------------ non-deterministic dQ (fp32 atomics)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the separate dQ kernel ran on the atomic-dQ path")
+
+
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """FlashAttention-2's dQ: accumulated by the dK/dV kernel with fp32 atomics; the dQ kernel must not run."""
+    monkeypatch.setattr(tri_bwd, "DETERMINISTIC", False)
+    monkeypatch.setattr(tri_bwd, "_bwd_dq_kernel", _NoLaunch())
+    assert tri_bwd.atomic_dq()
+
+
+# causal GQA 6:2 with an (H,) gate; fully padded batch row; softcap + padding; window + softcap + a zero gate
+# with its gate grad
+ATOMIC_GRID = [GRID[1], GRID[2], GRID[3], GRID[5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ATOMIC_GRID, ids=[_id(c) for c in ATOMIC_GRID])
+def test_atomic_dq_matches_reference(case, dtype, atomic_dq):
+    B, H, Hkv, T, S, D, kw = case
+    check_case(B, H, Hkv, T, S, D, dtype, **dict(kw))
+
+
+def test_atomic_dq_off_in_torch_deterministic_mode(monkeypatch):
+    monkeypatch.setattr(tri_bwd, "DETERMINISTIC", False)
+    assert tri_bwd.atomic_dq()
+    ran = []
+    real = tri_bwd.launch
+    monkeypatch.setattr(tri_bwd, "launch", lambda kernel, *a, **kw: ran.append(a[4].get("ATOMIC_DQ")) or
+                        real(kernel, *a, **kw))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not tri_bwd.atomic_dq()
+        check_case(1, 2, 1, 17, 17, 64, torch.float32, causal=True)
+        assert ran == [False, None]  # dK/dV without atomics, then the dQ kernel
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 # ------------------------------------------------------------------ launch shapes: folded grids, GPU tiles
 
 
@@ -355,6 +400,17 @@ GPU_PARAMS = [(c, i) for c in GPU_CASES for i in range(max(len(t[tri._dbucket(c[
 @pytest.mark.parametrize("case,config", GPU_PARAMS, ids=[f"{_id(c)}-config{i}" for c, i in GPU_PARAMS])
 def test_gpu_tile_configs(case, config, monkeypatch):
     """The shipped GPU configs (BLOCK_M != BLOCK_N, blocks 16..128) against float64, here in the interpreter."""
+    monkeypatch.setattr(grids, "GPU", {"config": config, "sms": 132})
+    B, H, Hkv, T, S, D, kw = case
+    check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
+
+
+ATOMIC_GPU = [(GPU_CASES[0], 0), (GPU_CASES[1], 3)]  # D 64 M32 N128; D 128 M32 N128 w8 s2
+
+
+@pytest.mark.parametrize("case,config", ATOMIC_GPU, ids=[f"{_id(c)}-config{i}" for c, i in ATOMIC_GPU])
+def test_atomic_dq_gpu_tile_configs(case, config, monkeypatch, atomic_dq):
+    """The atomic-dQ path in shipped dK/dV configs (query blocks of 32 against key blocks of 128)."""
     monkeypatch.setattr(grids, "GPU", {"config": config, "sms": 132})
     B, H, Hkv, T, S, D, kw = case
     check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
@@ -515,7 +571,8 @@ f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Part="
 io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
 p = {**io, **f32}
 build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, BLOCK_M=64, BLOCK_N=64))
-build(AB._bwd_dkdv_kernel, p, dict(c, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, p, dict(c, ATOMIC_DQ=False, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, dict(p, DQ="fp32"), dict(c, ATOMIC_DQ=True, BLOCK_M=16, BLOCK_N=64))
 build(AB._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
 build(AD._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
 build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True,

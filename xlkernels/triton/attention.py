@@ -251,12 +251,13 @@ def _dbucket(block_d):
 _TUNED = {}
 
 
-def _tuned(kernel, table, bucket):
+def _tuned(kernel, table, bucket, reset=()):
     """Autotuned kernel on the GPU: a small config set per head-dim bucket, keyed on the shape class (length
-    buckets, not exact lengths, so decoding with a growing cache does not retune every step)."""
-    key = (kernel.__name__, bucket)
+    buckets, not exact lengths, so decoding with a growing cache does not retune every step). `reset`: buffers
+    the kernel accumulates into (atomics), zeroed before each timed run and the real one."""
+    key = (kernel.__name__, bucket, tuple(reset))
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=table[bucket], key=[
+        _TUNED[key] = triton.autotune(configs=table[bucket], reset_to_zero=list(reset) or None, key=[
             "HEAD_D", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_GATE", "T_BUCKET", "S_BUCKET"])(kernel)
     return _TUNED[key]
 
@@ -274,7 +275,7 @@ def forced_config(table, block_d):
     return cfgs[i % len(cfgs)]
 
 
-def launch(kernel, table, grid, block_d, args, consts):
+def launch(kernel, table, grid, block_d, args, consts, reset=()):
     """Run `kernel`: autotuned over `table` on the GPU, one small config under the interpreter, or the config
     forced through grids.GPU."""
     cfg = forced_config(table, block_d)
@@ -284,7 +285,7 @@ def launch(kernel, table, grid, block_d, args, consts):
         bm, bn = INTERP_BLOCKS
         kernel[grid({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
     else:
-        _tuned(kernel, table, _dbucket(block_d))[grid](*args, **consts)
+        _tuned(kernel, table, _dbucket(block_d), reset)[grid](*args, **consts)
 
 
 def row_grid(n, heads, block):

@@ -6,6 +6,8 @@ ones: dV = g P^T dO, dS = g P (dO V^T - Delta_raw); heads with gate == 0 are ski
 block and KV head looping over its GQA group's query heads (no K/V repeat, no atomics); dQ: one program per query
 block and head.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,12 +45,13 @@ def _bwd_pre_kernel(O, DO, Delta, DGate, DShift, sob, soh, sot, sdb, sdh, sdt, B
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, sqt, sdt, start, stop, offs_n, offs_d, T, S, off,
-                window, scale_log2, sc_scale, sc_log2,
+def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, DQ, sqt, sdt, sdqt, start, stop, offs_n, offs_d, T, S, off,
+                window, scale, scale_log2, sc_scale, sc_log2,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr):
-    """Transposed form (as the Triton tutorial): scores^T = k q^T is (BLOCK_N, BLOCK_M), no transposes of P."""
+                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Transposed form (as the Triton tutorial): scores^T = k q^T is (BLOCK_N, BLOCK_M), no transposes of P.
+    ATOMIC_DQ: also add this key block's dQ = scale * dS K (dS = dsT^T, gate included) to the fp32 buffer DQ."""
     offs_m0 = tl.arange(0, BLOCK_M)
     dmask = offs_d < HEAD_D
     for start_m in range(start, stop, BLOCK_M):
@@ -87,6 +90,13 @@ def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, sqt, sdt, start, stop, o
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * scale
+            dq_ptr = DQ + rm[:, None] * sdqt + offs_d[None, :]
+            if MASK:
+                tl.atomic_add(dq_ptr, dq, mask=mm[:, None] & dmask[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptr, dq, mask=dmask[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -112,13 +122,13 @@ def _query_ranges(n0, T, off, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm, DQ,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
-                     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sgb, sgh, skpb,
+                     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sgb, sgh, skpb, sdqb, sdqh, sdqt,
                      BHK, H, GROUP, T, S, window, scale, scale_log2, sc_scale, sc_log2, T_BUCKET, S_BUCKET,
                      HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = folded_id()
@@ -157,18 +167,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm,
         do_base = DO + b * sdb + h * sdh
         lse_base = Lse + (b * H + h) * T
         dl_base = Delta + (b * H + h) * T
-        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
-                             lo, tl.minimum(full_lo, stop), offs_n, offs_d, T, S, off, window, scale_log2,
-                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D, BLOCK_M,
-                             UPCAST, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
+        dq_base = DQ + b * sdqb + h * sdqh
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
+                             lo, tl.minimum(full_lo, stop), offs_n, offs_d, T, S, off, window, scale,
+                             scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D,
+                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
                              tl.minimum(full_lo, stop), tl.minimum(full_hi, stop), offs_n, offs_d, T, S, off,
-                             window, scale_log2, sc_scale, sc_log2, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                             HEAD_D, BLOCK_M, UPCAST, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, sqt, sdt,
-                             tl.minimum(full_hi, stop), stop, offs_n, offs_d, T, S, off, window, scale_log2,
-                             sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D, BLOCK_M,
-                             UPCAST, PREC)
+                             window, scale, scale_log2, sc_scale, sc_log2, False, CAUSAL, HAS_WINDOW,
+                             HAS_SOFTCAP, HEAD_D, BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
+                             tl.minimum(full_hi, stop), stop, offs_n, offs_d, T, S, off, window, scale,
+                             scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D,
+                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
     smask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + rn[:, None] * sdks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=smask)
@@ -260,6 +271,17 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kp_base, sks, svs, start, s
 
 
 
+# dQ path. Deterministic (default): a separate dQ kernel recomputes S and P per query block. Otherwise
+# (XLKERNELS_DETERMINISTIC=0 or DETERMINISTIC = False here) FlashAttention-2's scheme: the dK/dV kernel also adds
+# dS K into an fp32 buffer with atomics (order-dependent rounding), then one cast; torch's deterministic mode
+# (torch.use_deterministic_algorithms) always takes the deterministic path.
+DETERMINISTIC = os.environ.get("XLKERNELS_DETERMINISTIC", "1") != "0"
+
+
+def atomic_dq() -> bool:
+    return not DETERMINISTIC and not torch.are_deterministic_algorithms_enabled()
+
+
 # Per head-dim bucket; spill-free inside the loops on sm_90 (see attention.FWD_CONFIGS).
 DKDV_CONFIGS = {
     64: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3)],
@@ -307,11 +329,17 @@ def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, wind
     sc = (scal["window"], scale, scal["scale_log2"], scal["sc_scale"], scal["sc_log2"], bucket(T), bucket(S))
     qs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
           v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    atomic = need_dq and need_dkdv and atomic_dq()
     if need_dkdv:
+        dq32 = torch.zeros(B, H, T, D, dtype=f32, device=q.device) if atomic else delta
         launch(_bwd_dkdv_kernel, DKDV_CONFIGS, lambda meta: row_grid(S, B * Hkv, meta["BLOCK_N"]), block_d,
-               (q, k, v, do, lse, delta, dk, dv, g, kp, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
-                dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps, B * Hkv, H, H // Hkv, T, S, *sc), c)
-    if need_dq:
+               (q, k, v, do, lse, delta, dk, dv, g, kp, dq32, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
+                dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps,
+                *(dq32.stride()[:3] if atomic else (0,) * 3),
+                B * Hkv, H, H // Hkv, T, S, *sc), dict(c, ATOMIC_DQ=atomic), reset=("DQ",) if atomic else ())
+        if atomic:
+            dq.copy_(dq32)
+    if need_dq and not atomic:
         launch(_bwd_dq_kernel, DQ_CONFIGS, lambda meta: row_grid(T, B * H, meta["BLOCK_M"]), block_d,
                (q, k, v, do, lse, delta, dq, g, kp, *qs, dq.stride(0), dq.stride(1), dq.stride(2),
                 gs[0], gs[1], kps, B * H, H, H // Hkv, T, S, *sc), c)
