@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import xlkernels
+import xlkernels.ops.steered_attention  # noqa: F401 (registers torch.ops.xlkernels.steered_attention_*)
 from xlkernels import backend
 from xlkernels.reference import attention as ref_attn
 from xlkernels.triton import attention as tri
