@@ -44,6 +44,15 @@ def _keep(B, T, S, causal, window, key_padding_mask, device):
     return None if keep is None else keep.expand(B, 1, T, S)
 
 
+def _open_empty_rows(keep):
+    """(keep with rows that see no key opened to every key, those rows (B,1,T,1)): no NaN in the softmax; the
+    caller zeroes the rows' output. (None, None) for no mask."""
+    if keep is None:
+        return None, None
+    empty = ~keep.any(dim=-1, keepdim=True)
+    return keep | empty, empty
+
+
 def _softcap_attention(q, k, v, scale, softcap, keep):
     """Math attention with tanh softcapping, fp32 softmax; GQA by grouping query heads (no K/V copies).
     keep: (B,1,T,S) or None. Rows that see no key give 0."""
@@ -52,10 +61,9 @@ def _softcap_attention(q, k, v, scale, softcap, keep):
     qg = q.reshape(B, Hkv, H // Hkv * T, D)
     s = torch.matmul(qg, k.transpose(-1, -2)).float().view(B, H, T, -1)
     s = torch.tanh(s * (scale / softcap)) * softcap
-    empty = None
+    keep, empty = _open_empty_rows(keep)
     if keep is not None:
-        empty = ~keep.any(dim=-1, keepdim=True)
-        s = s.masked_fill(~(keep | empty), float("-inf"))
+        s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = torch.matmul(p.to(v.dtype).view(B, Hkv, -1, k.shape[2]), v).view(B, H, T, D)
     return o if empty is None else o.masked_fill(empty, 0.0)
@@ -75,8 +83,6 @@ def attention(q, k, v, causal, scale, key_padding_mask, window, softcap):
     if key_padding_mask is None and window is None and (not causal or T == S or T == 1):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, scale=scale,
                                                                 enable_gqa=gqa)
-    keep = _keep(B, T, S, causal, window, key_padding_mask, q.device)
-    empty = ~keep.any(dim=-1, keepdim=True)  # (B,1,T,1): rows that see no key attend to all, then become 0
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty, scale=scale,
-                                                         enable_gqa=gqa)
+    keep, empty = _open_empty_rows(_keep(B, T, S, causal, window, key_padding_mask, q.device))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
     return o.masked_fill(empty, 0.0)
