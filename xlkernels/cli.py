@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "heads", "neurons", "shift", "steer", "align", "demo")
+COMMANDS = ("info", "heads", "neurons", "shift", "steer", "align", "eval", "reproduce", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
