@@ -1,0 +1,359 @@
+"""`xlkernels reproduce`: measure the seeds' central claims on one model and write a report.
+
+`run(model, tokenizer, ...)` measures every claim on a corpus split into a fit part (statistics, scores,
+training: the first texts of each language) and a held-out part (losses: the last texts), turns each
+measurement into a row with xlkernels.analysis.claims, and (with `out`) writes report.md, reproduce.json and
+PNG plots. `print_summary(rows)` prints the table. Levels: "quick" (the `make demo` summary), "default",
+"full" (more languages, texts, seeds and the eval sweep).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+from . import claims
+
+LEVELS = {
+    # langs, texts for statistics/scores/training, held-out texts, LAHIS texts, random-head seeds, soft-mask
+    # train pairs, MEXA sentences, tokens per text
+    "quick": dict(langs=("en", "de", "fr", "es"), n_fit=48, n_eval=16, n_lahis=12, seeds=3, n_train=24,
+                  n_mexa=48, max_length=48, mask_batch=4),
+    "default": dict(langs=("en", "de", "fr", "es", "zh_Hans"), n_fit=96, n_eval=32, n_lahis=24, seeds=5,
+                    n_train=48, n_mexa=100, max_length=48, mask_batch=1),
+    "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja", "ar"), n_fit=160, n_eval=64, n_lahis=64,
+                 seeds=10, n_train=100, n_mexa=100, max_length=64, mask_batch=1),
+}
+HEAD_FRAC = 0.02   # LAHIS masks / trains int(L*H*0.02) heads (methods.md 1.4), at least 1
+NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian", "zh_Hans": "Chinese",
+         "ja": "Japanese", "ar": "Arabic", "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}
+
+
+def split(corpus: dict, n_fit: int, n_eval: int):
+    """(fit, held-out): the first n_fit and the last n_eval texts of each language (disjoint; both shrink when a
+    language has fewer than n_fit + n_eval texts, the held-out part to at most half)."""
+    fit, ev = {}, {}
+    for lang, texts in corpus.items():
+        if len(texts) < 2:
+            raise ValueError(f"corpus[{lang!r}] needs at least 2 texts, has {len(texts)}")
+        e = min(n_eval, len(texts) // 2)
+        fit[lang], ev[lang] = texts[:min(n_fit, len(texts) - e)], texts[len(texts) - e:]
+    return fit, ev
+
+
+def is_parallel(corpus: dict, pivot: str = "en") -> bool:
+    return pivot in corpus and len({len(t) for t in corpus.values()}) == 1
+
+
+def qa_pairs(corpus: dict, lang: str, pivot: str = "en"):
+    """(prompt, answer) pairs from a parallel corpus: translate the pivot sentence into `lang`; the loss is on
+    the answer (the `lang` sentence) only."""
+    name = NAMES.get(lang, lang)
+    return [(f"{NAMES.get(pivot, pivot)}: {src}\n{name}:", " " + tgt) for src, tgt in zip(corpus[pivot], corpus[lang])]
+
+
+@torch.no_grad()
+def answer_loss(steerer, tok, pairs, gate, batch_size=8, max_length=128) -> float:
+    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (restored after)."""
+    from .heads import token_nll
+    from .soft_mask import qa_batch
+    dev = next(steerer.model.parameters()).device
+    old, total, count = steerer.gate, 0.0, 0
+    steerer.gate = _ones(steerer) if gate is None else gate.to(dev, torch.float32)
+    try:
+        for s in range(0, len(pairs), batch_size):
+            ids, mask, labels = qa_batch(tok, pairs[s:s + batch_size], max_length, device=dev)
+            nll, valid = token_nll(steerer.model, ids, mask, labels)
+            total += float(nll[valid].double().sum())
+            count += int(valid.sum())
+    finally:
+        steerer.gate = old
+    return total / max(count, 1)
+
+
+def _ones(steerer):
+    return torch.ones(steerer.num_layers, steerer.num_heads, device=steerer.device)
+
+
+def _gate(L, H, heads, value=0.0):
+    g = torch.ones(L * H)
+    g[list(heads)] = value
+    return g.view(L, H)
+
+
+def _nll(steerer, tok, corpus, cfg, gate=None):
+    from .deactivation import language_nll
+    old = steerer.gate
+    steerer.gate = _ones(steerer) if gate is None else gate
+    try:
+        return language_nll(steerer.model, tok, corpus, batch_size=16, max_length=cfg["max_length"])
+    finally:
+        steerer.gate = old
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def measure_neurons(steerer, tok, fit, ev, cfg, state):
+    """LAPE statistics + selection on the fit texts, the deactivation matrix on the held-out texts, Zhang et
+    al.'s classes on the same statistics. Rows: deactivation, layers, classes."""
+    from . import neurons as N
+    from .deactivation import deactivation_matrix
+    stats = N.collect_stats(steerer, tok, fit, batch_size=16, max_length=cfg["max_length"], progress=False)
+    p = N.activation_probs(stats)
+    lape = N.lape(p)
+    cls = N.classify(p)
+    res = deactivation_matrix(steerer, tok, ev, lape.neurons, batch_size=16, max_length=cfg["max_length"],
+                              progress=False)
+    langs = list(fit)
+    counts = lape.counts()
+    state["lape_counts"] = {x: c for x, c in zip(langs, counts.tolist())}
+    cc = cls.counts()
+    row = claims.lape_deactivation(res["delta"], langs)
+    row["details"].update(base_nll=res["base"].tolist(), n_neurons=dict(zip(langs, counts.sum(1).tolist())))
+    return [row, claims.lape_layers(counts),
+            claims.ternary_classes(cls.appear, int(cc["specific"].sum()), int(cc["related"].sum()),
+                                   int(cc["general"].sum()), cls.lam, len(langs))]
+
+
+def measure_heads(steerer, tok, fit, ev, cfg, state, seed=0):
+    """LAHIS scores on the fit texts; mask each language's first int(L*H*0.02) language-specific heads and
+    as many random heads (not in its top list; `seeds` draws) and measure the held-out losses."""
+    from . import heads as hd
+    L, H = steerer.num_layers, steerer.num_heads
+    langs = list(fit)
+    scores = {x: hd.lahis_scores(steerer, tok, fit[x][:cfg["n_lahis"]], batch_size=cfg["n_lahis"],
+                                 max_length=32) for x in langs}
+    state["scores"] = scores
+    sets = hd.head_sets(scores)
+    n = max(1, int(L * H * HEAD_FRAC))
+    base = _nll(steerer, tok, ev, cfg)
+    K = len(langs)
+    delta = torch.zeros(K, K, dtype=torch.float64)
+    rnd = torch.zeros(K, cfg["seeds"], dtype=torch.float64)
+    chosen = {}
+    rng = random.Random(seed)
+    for i, x in enumerate(langs):
+        ids = sets["specific"][x][:n]
+        chosen[x] = ids
+        if not ids:
+            continue
+        delta[i] = _nll(steerer, tok, ev, cfg, _gate(L, H, ids)) - base
+        pool = [h for h in range(L * H) if h not in set(sets["top"][x])]
+        for s in range(cfg["seeds"]):
+            pick = rng.sample(pool, min(len(ids), len(pool)))
+            rnd[i, s] = _nll(steerer, tok, {x: ev[x]}, cfg, _gate(L, H, pick))[0] - base[i]
+    row = claims.lahis_masking(delta, rnd, [len(chosen[x]) for x in langs], langs)
+    row["details"].update(heads={x: [f"{h // H}.{h % H}" for h in ids] for x, ids in chosen.items()},
+                          general=[f"{h // H}.{h % H}" for h in sets["general"]], base_nll=base.tolist(), seed=seed)
+    return [row]
+
+
+def measure_soft_mask(steerer, tok, fit, ev, cfg, state, lang=None, seed=0):
+    """Train the gates of `lang`'s top int(L*H*0.02) LAHIS heads on translation pairs from the fit texts
+    (2 epochs, AdamW lr 1e-2) and compare the held-out answer loss (and, at level full, random heads)."""
+    from .soft_mask import default_k, train_soft_mask
+    if not is_parallel(fit) or not is_parallel(ev):
+        return [claims.make_row("Soft head mask: a few trained head gates help", "", "undecided: needs a "
+                                "parallel corpus with en", None, {})]
+    lang = lang or next(x for x in fit if x != "en")
+    L, H = steerer.num_layers, steerer.num_heads
+    k = default_k(L, H, HEAD_FRAC)
+    train = qa_pairs(fit, lang)[:cfg["n_train"]]
+    held = qa_pairs(ev, lang)
+    mask = train_soft_mask(steerer, tok, train, scores=state["scores"][lang], k=k, epochs=2,
+                           batch_size=cfg["mask_batch"], max_length=128)
+    before = answer_loss(steerer, tok, held, None)
+    after = answer_loss(steerer, tok, held, mask.gate)
+    rnd = None
+    if cfg.get("random_mask"):
+        pick = random.Random(seed).sample(range(L * H), k)
+        rmask = train_soft_mask(steerer, tok, train, heads=pick, epochs=2, batch_size=cfg["mask_batch"],
+                                max_length=128)
+        rnd = answer_loss(steerer, tok, held, rmask.gate)
+    row = claims.soft_mask(before, after, k, len(train), len(held), lang, rnd)
+    row["details"].update(heads=[f"{h // H}.{h % H}" for h in mask.heads], values=mask.values.tolist(),
+                          train_losses=mask.losses)
+    return [row]
+
+
+def measure_mexa(steerer, tok, corpus, cfg, state):
+    from .align import mexa
+    if not is_parallel(corpus):
+        return [claims.make_row("MEXA: alignment with English peaks in the middle layers", "",
+                                "undecided: needs a parallel corpus with en", None, {})]
+    sub = {x: t[:cfg["n_mexa"]] for x, t in corpus.items()}
+    res = mexa(steerer.model, tok, sub, pivot="en", poolings=("weighted",), anc=False, batch_size=16,
+               max_length=cfg["max_length"])
+    state["mexa"] = res["mexa"]["weighted"]
+    row = claims.mexa_peak(res["mexa"]["weighted"])
+    row["details"]["n"] = res["n"]
+    return [row]
+
+
+STEPS = ("neurons", "heads", "soft_mask", "mexa", "steering")
+
+
+def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=False, out=None, name="model",
+        steps=STEPS, seed=0, overrides=None, eval_fn=None, log=print) -> dict:
+    """Measure the claims and return {"rows", "settings", "seconds", "errors", ...}; with `out` also write the
+    report there. corpus: {lang: texts} (default: the embedded parallel corpus in `langs`); quick=True is
+    level="quick"; overrides: settings to change (e.g. {"n_fit": 16}); eval_fn(steerer, tok, corpus, cfg)
+    returns the steering rows (default: from analysis/evaluate.py when it is installed)."""
+    import xlkernels
+    level = "quick" if quick else level
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    cfg = dict(LEVELS[level], random_mask=level == "full")
+    cfg.update(overrides or {})
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
+    if corpus is None:
+        from .data import parallel_corpus
+        corpus = parallel_corpus(list(langs or cfg["langs"]))
+    elif langs is not None:
+        missing = [x for x in langs if x not in corpus]
+        if missing:
+            raise ValueError(f"langs {missing} are not in the corpus (has {', '.join(corpus)})")
+        corpus = {x: corpus[x] for x in langs}
+    if len(corpus) < 2:
+        raise ValueError(f"need at least 2 languages, got {list(corpus)}")
+    fit, ev = split(corpus, cfg["n_fit"], cfg["n_eval"])
+    steerer = model if hasattr(model, "record_neurons") else xlkernels.patch(model)
+    steerer.reset()
+    state, rows, seconds, errors = {}, [], {}, []
+    jobs = {"neurons": lambda: measure_neurons(steerer, tokenizer, fit, ev, cfg, state),
+            "heads": lambda: measure_heads(steerer, tokenizer, fit, ev, cfg, state, seed),
+            "soft_mask": lambda: measure_soft_mask(steerer, tokenizer, fit, ev, cfg, state, seed=seed),
+            "mexa": lambda: measure_mexa(steerer, tokenizer, corpus, cfg, state),
+            "steering": lambda: measure_steering(steerer, tokenizer, corpus, cfg, eval_fn)}
+    for step in steps:
+        if step == "soft_mask" and "scores" not in state:
+            continue
+        t0 = time.perf_counter()
+        try:
+            new = jobs[step]()
+        except Exception as e:   # one failing claim must not lose the others: an error row, exit code 1
+            errors.append(f"{step}: {type(e).__name__}: {e}")
+            traceback.print_exc(file=sys.stderr)
+            new = [claims.make_row(step, "", f"error: {type(e).__name__}: {e}", None, {})]
+        finally:
+            steerer.reset()
+        seconds[step] = round(time.perf_counter() - t0, 1)
+        rows += new
+        log(f"  {step}: {seconds[step]} s")
+    report = {"model": name, "level": level, "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in cfg.items()},
+              "langs": list(corpus), "n_fit": {x: len(t) for x, t in fit.items()},
+              "n_eval": {x: len(t) for x, t in ev.items()}, "seed": seed, "rows": rows, "seconds": seconds,
+              "errors": errors, "plots_data": {k: state[k] for k in ("lape_counts", "mexa") if k in state}}
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def measure_steering(steerer, tok, corpus, cfg, eval_fn=None):
+    if eval_fn is None:
+        try:
+            from .evaluate import reproduce_rows as eval_fn   # noqa: F811 (analysis/evaluate.py, issue 12)
+        except ImportError:
+            return [claims.make_row("Steering", "steering switches the output language to the target",
+                                    "not measured: analysis/evaluate.py is not available", None, {})]
+    return eval_fn(steerer, tok, corpus, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _mark(holds):
+    return {True: "holds", False: "does not hold", None: "undecided"}[holds]
+
+
+def format_table(rows, markdown=False) -> str:
+    if markdown:
+        lines = ["| claim | paper | measured | result |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['claim']} | {r['paper']} | {r['measured']} | **{_mark(r['holds'])}** |")
+        return "\n".join(lines)
+    w = max(len(r["claim"]) for r in rows)
+    return "\n".join(f"{_mark(r['holds']):<14} {r['claim']:<{w}}  {r['measured']}" for r in rows)
+
+
+def print_summary(rows, file=None):
+    """The claims table as plain text (what `make demo` shows)."""
+    print(format_table(rows), file=file or sys.stdout)
+    n = sum(r["holds"] is True for r in rows)
+    print(f"{n} of {len(rows)} claims hold on this model", file=file or sys.stdout)
+
+
+def _matrix_plot(m, rows, cols, path, title, label):
+    from .plots import _plt, _save
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.9 * len(rows) + 1.2), layout="constrained")
+    t = torch.as_tensor(m, dtype=torch.float64)
+    lim = float(t.abs().max()) or 1.0
+    im = ax.imshow(t.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            ax.text(j, i, f"{float(t[i, j]):+.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("evaluated language")
+    ax.set_ylabel("switched off")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8).set_label(label, fontsize=8)
+    return _save(fig, path)
+
+
+def _plots(report, out) -> list:
+    from .plots import layer_curves, neuron_counts
+    made = []
+    rows = {r["claim"]: r for r in report["rows"]}
+    lape = next((r for r in report["rows"] if r["claim"].startswith("LAPE: language neurons are")), None)
+    if lape and "delta" in lape["details"]:
+        d = lape["details"]
+        made.append(_matrix_plot(d["delta"], d["langs"], d["langs"], os.path.join(out, "lape_deactivation.png"),
+                                 "LAPE: NLL increase when a language's neurons are off", "nats"))
+    lahis = next((r for r in rows.values() if r["claim"].startswith("LAHIS") and "delta" in r["details"]), None)
+    if lahis:
+        d = lahis["details"]
+        made.append(_matrix_plot(d["delta"], d["langs"], d["langs"], os.path.join(out, "lahis_masking.png"),
+                                 "LAHIS: loss increase when a language's specific heads are masked", "nats"))
+    data = report.get("plots_data", {})
+    if data.get("lape_counts"):
+        made.append(neuron_counts(data["lape_counts"], os.path.join(out, "lape_layers.png"),
+                                  title="LAPE language-specific neurons per layer"))
+    if data.get("mexa"):
+        made.append(layer_curves(data["mexa"], os.path.join(out, "mexa.png"), ylim=(-0.05, 1.05),
+                                 title="MEXA alignment with English (weighted pooling)", xlabel="layer (0 = embeddings)",
+                                 ylabel="MEXA"))
+    return [os.path.basename(p) for p in made]
+
+
+def write_report(report: dict, out) -> list:
+    """report.md (table, settings, plots) and reproduce.json in `out`; returns the file names."""
+    os.makedirs(out, exist_ok=True)
+    plots = _plots(report, out)
+    with open(os.path.join(out, "reproduce.json"), "w") as f:
+        json.dump({k: v for k, v in report.items() if k != "plots_data"}, f, indent=1)
+    s = report["settings"]
+    lines = [f"# xlkernels reproduce: {report['model']}", "",
+             f"Level `{report['level']}`; languages {', '.join(report['langs'])}; "
+             f"{min(report['n_fit'].values())} fit / {min(report['n_eval'].values())} held-out texts per language; "
+             f"seed {report['seed']}; {sum(report['seconds'].values()):.0f} s.", "",
+             format_table(report["rows"], markdown=True), "",
+             "Criteria (xlkernels/analysis/claims.py): LAPE own-language increase >= "
+             f"{claims.LAPE_FACTOR:g}x the others'; layers: the first and the last quarter of the layers "
+             f"each hold >= {claims.EDGE_RATIO:g}x the neurons per layer of the middle half; LAHIS: own > others and own > random "
+             f"({s['seeds']} seeds); soft mask: held-out answer loss lower; classes: all three non-empty; MEXA: mean "
+             f"curve peaks in the middle half, above the embeddings; steering: >= {claims.STEER_RATE:.0%} of "
+             "generations in the target language.", ""]
+    if report["errors"]:
+        lines += ["Errors:", ""] + [f"- {e}" for e in report["errors"]] + [""]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "Seconds per step: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    return ["report.md", "reproduce.json"] + plots
