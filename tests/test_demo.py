@@ -5,7 +5,7 @@ import os
 import pytest
 
 from xlkernels import cli
-from xlkernels.commands.demo import guess_language
+from xlkernels.analysis.langid import detect
 
 
 def test_demo_tiny_smoke(tmp_path, capsys):
@@ -53,11 +53,5 @@ def test_demo_quick_real_model(tmp_path, capsys):
     gens = summary["steering"]["generations"]
     assert gens and all(g["plain"] != g["neurons_en_to_de"] for g in gens)
     # the neuron intervention moves the continuation of an English prompt into German
-    assert any(guess_language(g["neurons_en_to_de"]) == "de" for g in gens), gens
-    assert all(guess_language(g["plain"]) != "de" for g in gens), gens
-
-
-def test_guess_language():
-    assert guess_language("Das ist nicht das Wetter, aber es ist schön") == "de"
-    assert guess_language("The weather is a bit of a mess") == "en"
-    assert guess_language("12345") == "?"
+    assert "de" in detect([g["neurons_en_to_de"] for g in gens]), gens
+    assert "de" not in detect([g["plain"] for g in gens]), gens

@@ -133,22 +133,6 @@ def step_neurons(steerer, tok, corpus, out, progress, summary):
     return stats, lape, path
 
 
-STOPWORDS = {
-    "en": "the a an and is are was of to in it that this with for on not be i you my we they have".split(),
-    "de": "der die das und ist sind war nicht ein eine zu in mit für auf ich sie wir es den dem aber".split(),
-    "fr": "le la les et est sont était pas un une de du des en avec pour sur je vous nous il elle mais".split(),
-    "es": "el la los las y es son era no un una de del en con para por yo usted nosotros pero muy".split(),
-}
-
-
-def guess_language(text):
-    """Crude language guess from stopword hits (en/de/fr/es); '?' when no stopword is found."""
-    words = [w.strip(".,;:!?\"'()<>*").lower() for w in text.split()]
-    hits = {x: sum(w in set(sw) for w in words) for x, sw in STOPWORDS.items()}
-    best = max(hits, key=hits.get)
-    return best if hits[best] > 0 else "?"
-
-
 def neuron_steering(steerer, stats, lape, langs, src, tgt):
     """LAPE-style language switch: src-specific neurons off, tgt-specific neurons set to their mean tgt
     activation, in every layer."""
@@ -164,6 +148,7 @@ def neuron_steering(steerer, stats, lape, langs, src, tgt):
 
 
 def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, neurons, summary, shift):
+    from xlkernels.analysis.langid import detect
     model = steerer.model
     langs = list(corpus)
     if neurons is None and not shift:
@@ -188,16 +173,16 @@ def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, 
             steerer.reset()
         rows.append(row)
         print(f"prompt: {pr!r}")
-        for key, text in row.items():
-            if key != "prompt":
-                print(f"  {key:<18} [{guess_language(text)}] {text!r}")
+        keys = [k for k in row if k != "prompt"]
+        for key, code in zip(keys, detect([row[k] for k in keys])):
+            print(f"  {key:<18} [{code}] {row[key]!r}")
     if neurons is not None:
         print(f"neurons_en_to_{target}: the {n_off} English-specific LAPE neurons switched off and the {n_on} "
               f"{target}-specific ones set to their mean {target} activation, in every layer")
     if bank is not None:
         print(f"heads_shift_{target}: per-head shift bank (pivot en) on "
               f"{int(bank.heads[langs.index(target)].sum())} heads, alpha {alpha}")
-    print("[xx] = language guessed from stopwords")
+    print("[xx] = language identified by langid (xlkernels.analysis.langid; 'unknown' when not confident)")
     summary["steering"] = {"target": target, "alpha": alpha, "generations": rows}
     return rows
 
