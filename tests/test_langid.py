@@ -53,7 +53,8 @@ def test_batch_keeps_order_and_short_strings():
     assert langid.detect([short["de"], short["fr"], short["ja"]]) == ["de", "fr", "ja"]
 
 
-@pytest.mark.parametrize("text", ["", "   ", "12345", "3.14 + 2 = 5.14", "!!! ??? ...", "\n\t", "2026-11-30 08:05"])
+@pytest.mark.parametrize("text", ["", "   ", "12345", "3.14 + 2 = 5.14", "!!! ??? ...", "\n\t", "2026-11-30 08:05",
+                                  "%\ufffdy\x1f\x1f", "\ufffd\ufffdPw\ufffd", "ab\ufffd\ufffd\ufffd"])
 def test_no_letters_is_unknown(text):
     assert langid.detect([text]) == ["unknown"]
     assert langid.detect([text], langs=["en", "de"]) == ["unknown"]

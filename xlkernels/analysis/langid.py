@@ -18,6 +18,7 @@ UNKNOWN = "unknown"
 MIN_CONFIDENCE = 0.8      # bench/results/langid-choice.json: 97-100% precision at 86-98% coverage
 MIN_MASS = 0.5            # with langs: the candidates' share of the unrestricted probability
 _LETTER = re.compile(r"[^\W\d_]")
+_JUNK = re.compile(r"[\ufffd\x00-\x08\x0b-\x1f\x7f-\x9f]")   # replacement char (broken UTF-8), controls
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +76,7 @@ def detect(texts, langs=None, min_confidence: float = MIN_CONFIDENCE, min_mass: 
     full = _identifier(None)
     out = []
     for t in texts:
-        if not _LETTER.search(t):
+        if not _LETTER.search(t) or _junk(t):
             out.append(UNKNOWN)
             continue
         if back is None:
@@ -89,6 +90,12 @@ def detect(texts, langs=None, min_confidence: float = MIN_CONFIDENCE, min_mass: 
         ok = mass >= min_mass and probs[code] >= min_confidence * mass
         out.append(back[code] if ok else UNKNOWN)
     return out
+
+
+def _junk(text: str) -> bool:
+    """Mostly broken bytes / control characters (a random model's output): nothing to identify."""
+    visible = len(text) - sum(c.isspace() for c in text)
+    return 2 * len(_JUNK.findall(text)) >= max(1, visible)
 
 
 def rates(texts, langs=None, min_confidence: float = MIN_CONFIDENCE) -> dict:
