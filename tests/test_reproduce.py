@@ -291,3 +291,23 @@ def test_reproduce_embedded_model(tmp_path, capsys):
     lape = next(r for c, r in rows.items() if c.startswith("LAPE: language neurons are"))
     assert lape["holds"] is True, lape["measured"]
     assert all(r["holds"] is not None for c, r in rows.items() if not c.startswith("Steering")), rows
+
+
+def test_cli_user_corpus_not_parallel(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(rp.LEVELS, "quick", dict(rp.LEVELS["quick"], **SMALL))
+    f = tmp_path / "c.jsonl"
+    rows = [{"lang": "en", "text": f"the cat number {i} sat on the mat"} for i in range(9)]
+    rows += [{"lang": "de", "text": f"die Katze Nummer {i} sass auf der Matte"} for i in range(7)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    rc = cli.main(["reproduce", "--tiny", "llama", "--quick", "--no-progress", "--corpus", str(f),
+                   "--skip", "heads,steering", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rep = json.loads((tmp_path / "o" / "reproduce.json").read_text())
+    assert rep["langs"] == ["en", "de"] and rep["n_eval"] == {"en": 4, "de": 3}
+    mexa = next(r for r in rep["rows"] if r["claim"].startswith("MEXA"))
+    assert mexa["holds"] is None and "parallel" in mexa["measured"]
+    plain = tmp_path / "c.txt"
+    plain.write_text("just text\nno language\n")
+    assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(plain)]) == 1
+    assert "--corpus" in capsys.readouterr().err
