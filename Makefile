@@ -74,7 +74,7 @@ static-check: $(STAMP)
 .PHONY: test-vllm
 test-vllm: $(STAMP)
 	bash scripts/setup_vllm_env.sh
-	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir -p $$tmp/rpc $$tmp/cache; \
 	  VLLM_RPC_BASE_PATH=$$tmp/rpc VLLM_CACHE_ROOT=$$tmp/cache \
 	  $${VLLM_VENV:-$${XDG_CACHE_HOME:-$$HOME/.cache}/xlkernels/venv-vllm}/bin/python -m pytest -q -ra -m vllm \
 	    --durations=10 -p no:cacheprovider tests/test_vllm_unit.py tests/test_vllm.py $(PYTEST_ARGS)
