@@ -184,7 +184,8 @@ def _device(model):
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens: int, batch_size: int = 16, steer=None, **gen_kw):
     """Greedy batched generation: (generated ids per prompt, cut at EOS; seconds). steer(batch) -> context
-    manager active while a batch generates (its set-up time counts), or None."""
+    manager active while a batch generates (its set-up time counts) that may yield extra generate()
+    keyword arguments, or None."""
     eos, pad = _eos_ids(model, tok), pad_id_of(tok)
     dev = _device(model)
     outs, secs = [], 0.0
@@ -193,9 +194,10 @@ def generate(model, tok, prompts, max_new_tokens: int, batch_size: int = 16, ste
             enc = tok(list(prompts[s:s + batch_size]), return_tensors="pt", padding=True)
         batch = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
         t0 = time.perf_counter()
-        with (steer(batch) if steer else contextlib.nullcontext()):
+        with (steer(batch) if steer else contextlib.nullcontext()) as extra:
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None, **gen_kw)
+                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                                 **gen_kw, **(extra or {}))
         secs += time.perf_counter() - t0
         T = batch["input_ids"].shape[1]
         outs += [_cut(r, eos) for r in out[:, T:].tolist()]
@@ -240,30 +242,61 @@ def _steerer_of(model):
     return xlkernels.patch(model), model
 
 
+STEER_TOKENS = ("all", "prompt", "generated")
+
+
+class _AfterPrefill:
+    """Logits processor that runs `fn` once, after the prefill forward (before the first decode step)."""
+
+    def __init__(self, fn):
+        self.fn, self.done = fn, False
+
+    def __call__(self, input_ids, scores):
+        if not self.done:
+            self.done = True
+            self.fn()
+        return scores
+
+
+def _apply(steerer, plan, strength, target, B):
+    if isinstance(plan, NeuronForcing):
+        plan.apply(steerer, strength)
+        return
+    m = method_of(plan)
+    bank = plan.shift is not None and plan.shift.dim() == 4
+    plan.apply(steerer, target=target if bank else None, batch_size=B, alpha=strength if m == "shift" else None)
+    if m == "gate" and strength is not None:
+        g = plan.gate.to(steerer.gate.device, torch.float32)
+        steerer.gate = (1.0 + float(strength) * (g - 1.0)).clamp_min(0.0)
+
+
 @contextlib.contextmanager
-def steered(steerer, plan, strength, batch, source, target):
-    """The plan at `strength` on the steerer (and its residual hooks on the model) for one batch."""
+def steered(steerer, plan, strength, batch, source, target, steer_tokens: str = "all"):
+    """The plan at `strength` on the steerer (and its residual hooks on the model) for one batch. Yields
+    the generate() keyword arguments it needs (a logits processor when steer_tokens is not "all":
+    "prompt" = head/neuron steering in the prefill only, "generated" = in the decode steps only; ITLC and
+    INCLINE keep their own token strategy)."""
+    if steer_tokens not in STEER_TOKENS:
+        raise ValueError(f"steer_tokens must be one of {STEER_TOKENS}, got {steer_tokens!r}")
     model = steerer.model
+    B = batch["input_ids"].shape[0]
     steerer.reset()
     stack = contextlib.ExitStack()
+    kw = {}
     try:
-        if isinstance(plan, NeuronForcing):
-            plan.apply(steerer, strength)
-        else:
+        if steer_tokens != "generated":
+            _apply(steerer, plan, strength, target, B)
+        if steer_tokens == "prompt":
+            kw["logits_processor"] = [_AfterPrefill(steerer.reset)]
+        elif steer_tokens == "generated":
+            kw["logits_processor"] = [_AfterPrefill(lambda: _apply(steerer, plan, strength, target, B))]
+        if not isinstance(plan, NeuronForcing) and (plan.itlc is not None or plan.incline is not None):
             m = method_of(plan)
-            bank = plan.shift is not None and plan.shift.dim() == 4
-            B = batch["input_ids"].shape[0]
-            plan.apply(steerer, target=target if bank else None, batch_size=B,
-                       alpha=strength if m == "shift" else None)
-            if m == "gate" and strength is not None:
-                g = plan.gate.to(steerer.gate.device, torch.float32)
-                steerer.gate = (1.0 + float(strength) * (g - 1.0)).clamp_min(0.0)
-            if plan.itlc is not None or plan.incline is not None:
-                src = source if plan.itlc is not None and source in plan.itlc.langs else None
-                stack.enter_context(plan.inject(model, batch, target=target, source=src,
-                                                alpha=strength if m == "itlc" else None,
-                                                sigma=strength if m == "incline" else None))
-        yield
+            src = source if plan.itlc is not None and source in plan.itlc.langs else None
+            stack.enter_context(plan.inject(model, batch, target=target, source=src,
+                                            alpha=strength if m == "itlc" else None,
+                                            sigma=strength if m == "incline" else None))
+        yield kw
     finally:
         stack.close()
         steerer.reset()
@@ -297,13 +330,14 @@ def _strength_list(strengths, name, plan, m):
 
 def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str, strengths=None,
              max_new_tokens: int = 24, batch_size: int = 16, lid_langs=None, baseline: bool = True,
-             progress: bool = False) -> dict:
+             steer_tokens: str = "all", progress: bool = False) -> dict:
     """Evaluate steering plans on prompts; see the module docstring for the measures and the result.
 
     model: an HF causal LM (patched here if needed) or its Steerer. plans: {name: SteeringPlan or
     NeuronForcing}. prompts: held-out prompts in the source language. source / target: language codes
     (corpus spelling: "en", "zh_Hans"). strengths: None, a list, or {plan name or method: list}.
-    lid_langs: candidate languages for the identifier (None = all 97 it knows)."""
+    lid_langs: candidate languages for the identifier (None = all 97 it knows). steer_tokens: "all",
+    "prompt" or "generated": where head/neuron steering acts (see steered())."""
     steerer, hf = _steerer_of(model)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -322,6 +356,8 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
             raise ValueError(f"{name} {x!r} must be one of lid_langs {list(lid_langs)}")
     if source == target:
         raise ValueError(f"source and target must differ, got {source!r} for both")
+    if steer_tokens not in STEER_TOKENS:
+        raise ValueError(f"steer_tokens must be one of {STEER_TOKENS}, got {steer_tokens!r}")
     work = []
     for name, plan in plans.items():
         m = method_of(plan)
@@ -345,7 +381,7 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
         it = _progress(work, True, total=len(work), desc="eval")
     steerer.reset()
     for name, plan, m, s in it:
-        steer = None if plan is None else (lambda b, p=plan, s=s: steered(steerer, p, s, b, source, target))
+        steer = None if plan is None else (lambda b, p=plan, s=s: steered(steerer, p, s, b, source, target, steer_tokens))
         gen, secs = generate(hf, tokenizer, prompts, max_new_tokens, batch_size, steer)
         with steerer.unsteered():
             nll_sum, n_tok = generated_nll(hf, tokenizer, prompts, gen, batch_size)
@@ -367,7 +403,8 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
     for r in rows:
         r["nll_delta"] = None if base is None else r["nll"] - base
     return {"source": source, "target": target, "prompts": prompts, "max_new_tokens": max_new_tokens,
-            "lid_langs": None if lid_langs is None else list(lid_langs), "rows": rows}
+            "lid_langs": None if lid_langs is None else list(lid_langs), "steer_tokens": steer_tokens,
+            "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------- reporting
