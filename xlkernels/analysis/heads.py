@@ -64,6 +64,28 @@ def pad_right(seqs, pad_id: int = 0, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+def length_buckets(lengths, batch_size: int | None = None, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches of similar length, so right padding costs little: sorted by
+    length (stable), then cut greedily so that a batch holds at most `batch_size` sequences and at most
+    `max_tokens` padded tokens (count x longest; a single longer sequence gets a batch of its own).
+    None = no limit. Every index appears exactly once."""
+    for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, cur = [], []
+    for i in order:
+        n, longest = len(cur) + 1, int(lengths[i])
+        if cur and ((batch_size is not None and n > batch_size)
+                    or (max_tokens is not None and n * longest > max_tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
 def pad_id_of(tokenizer) -> int:
     for name in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, name, None)
@@ -115,7 +137,7 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
         nll = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")
         return nll * valid, valid
     base, head, softcap = parts
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     h, tgt = hidden[valid], target[valid]
     n = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
     ckpt = torch.is_grad_enabled() and h.requires_grad
@@ -128,6 +150,53 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     nll = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device).masked_scatter(valid, flat)
     return nll, valid
+
+
+CPU_MAX_TOKENS = 512   # padded tokens per batch on a CPU: past this, bigger batches ran slower (bench/NOTES.md)
+NOGRAD_CHUNK_LOGITS = 1 << 26   # logits per lm_head chunk without grad (256 MB fp32): fewer, larger GEMMs
+
+
+def token_budget(batch_size: int | None, max_length: int | None, max_tokens: int | None, device) -> int | None:
+    """Padded tokens per length-sorted batch: `max_tokens` when given; else batch_size texts of max_length
+    tokens (the most a padded batch of the old kind could take), on a CPU at most CPU_MAX_TOKENS. None = no
+    limit (nothing given, not on a CPU)."""
+    if max_tokens is not None:
+        return int(max_tokens)
+    budget = batch_size * max_length if batch_size is not None and max_length is not None else None
+    if torch.device(device).type == "cpu":
+        budget = CPU_MAX_TOKENS if budget is None else min(budget, CPU_MAX_TOKENS)
+    return budget
+
+
+@torch.no_grad()
+def sequence_nll(model, seqs, pad_id: int = 0, batch_size: int | None = None, max_tokens: int | None = None,
+                 chunk_tokens: int | None = None, progress: bool = False, desc: str = "nll"):
+    """Summed next-token NLL (N,) float64 and the number of predicted tokens (N,) int64 of each id list in
+    `seqs`, in the given order (the first token of a sequence is not predicted).
+
+    Sequences are batched by length (`length_buckets`: at most `batch_size` sequences and `max_tokens` padded
+    tokens per batch; max_tokens None = CPU_MAX_TOKENS on a CPU, no limit elsewhere) and right-padded, and
+    `token_nll` runs the LM head on the predicted positions only (no full logits, no logits of the last
+    position, no KV cache) in chunks of `chunk_tokens` (default: about NOGRAD_CHUNK_LOGITS logits).
+    `model`: an HF causal LM or a Steerer."""
+    model = model.model if hasattr(model, "record_neurons") else model
+    dev = model.get_input_embeddings().weight.device
+    if chunk_tokens is None:
+        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+        chunk_tokens = max(16, min(4096, NOGRAD_CHUNK_LOGITS // vocab))
+    n = len(seqs)
+    sums = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.long)
+    buckets = length_buckets([len(s) for s in seqs], batch_size, token_budget(None, None, max_tokens, dev))
+    for idx in _progress(buckets, progress, total=len(buckets), desc=desc):
+        if len(seqs[idx[-1]]) < 2:   # sorted: every sequence of this batch has < 2 tokens
+            continue
+        ids, mask = pad_right([seqs[i] for i in idx], pad_id, dev)
+        nll, valid = token_nll(model, ids, mask, chunk_tokens=chunk_tokens)
+        at = torch.as_tensor(idx)
+        sums[at] = nll.double().sum(1).cpu()
+        counts[at] = valid.sum(1).cpu()
+    return sums, counts
 
 
 def sample_nll(model, input_ids, attention_mask) -> torch.Tensor:

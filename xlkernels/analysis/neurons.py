@@ -94,6 +94,28 @@ def text_batches(tokenizer, corpus: dict, batch_size: int, max_length: int, shar
         yield input_ids, mask, groups
 
 
+def bucketed_batches(tokenizer, corpus: dict, max_tokens: int | None, max_length: int, shard=(0, 1)):
+    """Like `text_batches`, but the texts (all languages) are sorted by token length and cut into batches of
+    at most `max_tokens` padded tokens (heads.length_buckets), so short texts share a batch and little padding
+    is computed. Deterministic: every shard sees the same batches as one process."""
+    from .heads import length_buckets
+    pairs = _interleave(corpus)
+    ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for _, t in pairs]
+    pad = _pad_id(tokenizer)
+    rank, world = shard
+    for idx in length_buckets([len(x) for x in ids], None, max_tokens)[rank::world]:
+        T = max(len(ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        groups = torch.full((len(idx), T), -1, dtype=torch.long)
+        for b, i in enumerate(idx):
+            n = len(ids[i])
+            input_ids[b, :n] = torch.tensor(ids[i], dtype=torch.long)
+            mask[b, :n] = 1
+            groups[b, :n] = pairs[i][0]
+        yield input_ids, mask, groups
+
+
 def packed_batches(tokenizer, corpus: dict, batch_size: int, max_length: int, shard=(0, 1)):
     """LAPE-style packing: per language, concatenate the tokenized texts and cut them into rows of
     `max_length` tokens (the tail is dropped, unless a language has less than one row)."""
@@ -143,11 +165,16 @@ def _forward(model, input_ids, mask):
 
 @torch.no_grad()
 def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8, max_length: int = 256,
-                  progress: bool = True, packing: bool = False, stats=None, shard=(0, 1)):
+                  progress: bool = True, packing: bool = False, stats=None, shard=(0, 1), bucket: bool = True,
+                  max_tokens: int | None = None):
     """Per-language FFN activation statistics over `corpus` ({language: texts}) in one stream.
 
     Returns a NeuronStats with fields (L, K, I) (K = len(corpus), in the dict's order); `positive` holds LAPE's
-    over_zero counts and `tokens` the per-language token counts. Accumulates into `stats` when given."""
+    over_zero counts and `tokens` the per-language token counts. Accumulates into `stats` when given.
+    bucket (default): texts sorted by length share a batch up to a padded-token budget (heads.token_budget:
+    `max_tokens`, else batch_size x max_length, on a CPU at most 512); bucket=False: batch_size texts per
+    batch in corpus order (`text_batches`). The statistics are the same either way (per-token counts; sums up
+    to float rounding). packing=True: LAPE's packed rows (`packed_batches`)."""
     _check_corpus(corpus)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -157,10 +184,18 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
     model = steerer.model
     dev = _input_device(model)
     K = len(corpus)
-    make = packed_batches if packing else text_batches
-    batches = make(tokenizer, corpus, batch_size, max_length, shard=shard)
-    for input_ids, mask, groups in _progress(batches, _num_batches(corpus, batch_size, packing, shard),
-                                              "neuron stats", progress):
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    total = _num_batches(corpus, batch_size, packing, shard)
+    if packing:
+        batches = packed_batches(tokenizer, corpus, batch_size, max_length, shard=shard)
+    elif bucket:
+        from .heads import token_budget
+        budget = token_budget(batch_size, max_length, max_tokens, dev)
+        batches, total = bucketed_batches(tokenizer, corpus, budget, max_length, shard=shard), None
+    else:
+        batches = text_batches(tokenizer, corpus, batch_size, max_length, shard=shard)
+    for input_ids, mask, groups in _progress(batches, total, "neuron stats", progress):
         with steerer.record_neurons(groups.to(dev), K, stats=stats) as st:
             _forward(model, input_ids.to(dev), mask.to(dev))
         stats = st

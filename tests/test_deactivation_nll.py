@@ -1,0 +1,190 @@
+"""Length-batched, chunked NLL (heads.length_buckets / sequence_nll, deactivation.language_nll) and the
+length-bucketed statistics pass, against batch-of-one references with full logits."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xlkernels.analysis import deactivation as D
+from xlkernels.analysis import heads
+from xlkernels.analysis import neurons as N
+
+SEED = random.randrange(2**31)   # fresh inputs each run; printed on failure
+
+
+def _rng(k=0):
+    return random.Random(SEED + k)
+
+
+def _ref_sums(model, seqs):
+    """Per sequence, batch of one, full logits: summed float64 NLL of tokens 1..n-1 and their count."""
+    sums, counts = [], []
+    with torch.no_grad():
+        for s in seqs:
+            if len(s) < 2:
+                sums.append(0.0)
+                counts.append(0)
+                continue
+            ids = torch.tensor([s])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+            sums.append(F.cross_entropy(logits, ids[0, 1:], reduction="sum").item())
+            counts.append(len(s) - 1)
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts)
+
+
+def test_length_buckets():
+    rng = _rng()
+    lengths = [rng.randrange(0, 40) for _ in range(rng.randrange(50, 90))]
+    for bs, mt in ((None, None), (7, None), (None, 97), (5, 61), (1, 1)):
+        out = heads.length_buckets(lengths, bs, mt)
+        flat = [i for b in out for i in b]
+        assert sorted(flat) == list(range(len(lengths))), f"seed {SEED}"
+        assert [lengths[i] for i in flat] == sorted(lengths)           # sorted by length
+        for b, nxt in zip(out, out[1:] + [None]):
+            n, longest = len(b), max(lengths[i] for i in b)
+            assert bs is None or n <= bs
+            assert mt is None or n == 1 or n * longest <= mt
+            if nxt is not None:   # greedy: the next sequence did not fit
+                grown = (n + 1, lengths[nxt[0]])
+                assert (bs is not None and grown[0] > bs) or (mt is not None and grown[0] * grown[1] > mt)
+    assert heads.length_buckets([], 4, 8) == []
+    with pytest.raises(ValueError, match="max_tokens"):
+        heads.length_buckets([3], 2, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        heads.length_buckets([3], -1, None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])   # gemma2: final logit softcapping
+def test_sequence_nll_vs_batch_of_one(arch):
+    from xlkernels.models import tiny_model
+    model, _ = tiny_model(arch, seed=5)
+    rng = _rng(1)
+    seqs = [[rng.randrange(4, 260) for _ in range(rng.choice([0, 1, 2, 3, rng.randrange(4, 30)]))]
+            for _ in range(23)]
+    seqs[rng.randrange(23)] = [rng.randrange(4, 260) for _ in range(31)]
+    want, wcount = _ref_sums(model, seqs)
+    for bs, mt, chunk in ((None, None, None), (4, 45, 7), (None, 64, 1), (1, None, 1000)):
+        got, count = heads.sequence_nll(model, seqs, pad_id=0, batch_size=bs, max_tokens=mt, chunk_tokens=chunk)
+        assert got.dtype == torch.float64 and torch.equal(count, wcount), f"seed {SEED}"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} {bs} {mt} {chunk}")
+
+
+def test_sequence_nll_through_a_patched_model_and_a_steerer():
+    import xlkernels
+    from xlkernels.models import tiny_model
+    ref, _ = tiny_model("gemma3", seed=6)
+    model, _ = tiny_model("gemma3", seed=6)
+    st = xlkernels.patch(model)
+    rng = _rng(2)
+    seqs = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 20))] for _ in range(9)]
+    want, _ = _ref_sums(ref, seqs)
+    for m in (model, st):
+        got, _ = heads.sequence_nll(m, seqs, max_tokens=40)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
+
+
+CORPUS = {
+    "en": ["The cat sat on the mat.", "Open the file", "Save changes?", "Delete this user permanently", "Ok"],
+    "de": ["Die Katze saß auf der Matte.", "Datei öffnen", "Änderungen speichern?"],
+    "fr": ["Le chat était assis sur le tapis.", "Ouvrir le fichier", "Oui", "Non, merci beaucoup !"],
+}
+
+
+def _lang_ref(model, tok, corpus, max_length):
+    out = []
+    for texts in corpus.values():
+        s, c = _ref_sums(model, [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts])
+        out.append(s.sum() / c.sum())
+    return torch.stack(out)
+
+
+def test_language_nll_matches_per_text_reference():
+    """Per-language means of the full-logits batch-of-one reference, for batch budgets that cut the corpus
+    differently; a dropped last token, counted padding or a lost text moves the means by far more than 1e-6."""
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("gemma2", seed=7)
+    want = _lang_ref(model, tok, CORPUS, 20)
+    for bs, mt in ((1, None), (3, None), (2, 17), (64, None)):
+        got = D.language_nll(model, tok, CORPUS, bs, 20, max_tokens=mt)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the means differ from what the usual slips give
+    seqs = [tok(t, truncation=True, max_length=20)["input_ids"] for t in CORPUS["en"]]
+    s, c = _ref_sums(model, [x[:-1] for x in seqs])
+    assert abs(float(s.sum() / c.sum()) - float(want[0])) > 1e-3
+
+
+def test_language_nll_bad_input():
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="batch_size"):
+        D.language_nll(model, tok, CORPUS, 0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        D.language_nll(model, tok, CORPUS, 2, 16, max_tokens=0)
+    with pytest.raises(ValueError, match="max_length"):
+        D.language_nll(model, tok, CORPUS, 2, 1)
+    with pytest.raises(ValueError, match="no predicted token"):
+        D.language_nll(model, tok, {"en": ["a b c"], "xx": [""]}, 2, 16)
+
+
+def test_token_budget():
+    assert heads.token_budget(8, 128, None, "cpu") == heads.CPU_MAX_TOKENS
+    assert heads.token_budget(2, 24, None, "cpu") == 48
+    assert heads.token_budget(8, 128, 4096, "cpu") == 4096
+    assert heads.token_budget(8, 128, None, "meta") == 1024
+    assert heads.token_budget(None, None, None, "meta") is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_collect_stats_bucketed_equals_corpus_order(arch):
+    """Length-sorted batches give the same counts as batch_size texts in corpus order, and the batches
+    really are sorted and pad less."""
+    import xlkernels
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model(arch, seed=8)
+    st = xlkernels.patch(model)
+    a = N.collect_stats(st, tok, CORPUS, batch_size=3, max_length=24, progress=False, bucket=False)
+    for mt in (None, 30):
+        b = N.collect_stats(st, tok, CORPUS, batch_size=3, max_length=24, progress=False, max_tokens=mt)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positive, b.positive)
+        torch.testing.assert_close(a.sum, b.sum, rtol=1e-5, atol=1e-5)
+    old = list(N.text_batches(tok, CORPUS, 3, 24))
+    new = list(N.bucketed_batches(tok, CORPUS, 30, 24))
+    assert sum(int((g == -1).sum()) for _, _, g in new) < sum(int((g == -1).sum()) for _, _, g in old)
+    lens = [int(m.sum(1).min()) for _, m, _ in new]
+    assert lens == sorted(lens) and all(m.numel() <= 30 or m.shape[0] == 1 for _, m, _ in new)
+    # shards partition the same batches
+    r0 = list(N.bucketed_batches(tok, CORPUS, 30, 24, shard=(0, 2)))
+    r1 = list(N.bucketed_batches(tok, CORPUS, 30, 24, shard=(1, 2)))
+    key = lambda bs: [g.tolist() for _, _, g in bs]  # noqa: E731
+    assert len(new) > 2 and key(r0) == key(new[0::2]) and key(r1) == key(new[1::2])
+
+
+@pytest.mark.model
+def test_real_model_nll_and_deactivation_vs_batch_of_one():
+    """Gemma-3-270M (262k vocabulary): language_nll and one deactivation row against the full-logits batch-of-one
+    hook pipeline (act_fn output index_fill_ 0), within fp32 rounding."""
+    import xlkernels
+    from xlkernels.analysis.data import parallel_corpus
+    from xlkernels.models import load_default
+    model, tok = load_default(progress=False)
+    corpus = {k: v[:3] for k, v in parallel_corpus(["en", "de", "ru"], n=40).items()}
+    g = torch.Generator().manual_seed(SEED)
+    idx = [torch.randperm(model.config.intermediate_size, generator=g)[:200].sort().values
+           for _ in range(model.config.num_hidden_layers)]
+    base_ref = _lang_ref(model, tok, corpus, 64)
+    hs = [layer.mlp.act_fn.register_forward_hook(lambda m, i, o, ix=ix: o.index_fill_(-1, ix, 0))
+          for layer, ix in zip(model.model.layers, idx)]
+    try:
+        off_ref = _lang_ref(model, tok, corpus, 64)
+    finally:
+        for h in hs:
+            h.remove()
+    st = xlkernels.patch(model)
+    try:
+        res = D.deactivation_matrix(st, tok, corpus, {"en": idx}, batch_size=8, max_length=64, progress=False)
+    finally:
+        xlkernels.unpatch(model)
+    torch.testing.assert_close(res["base"], base_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(res["loss"][0], off_ref, rtol=2e-5, atol=2e-5)
+    assert (res["delta"].abs() > 1e-3).all()
