@@ -214,8 +214,8 @@ def test_run_tiny_end_to_end(tiny4, tmp_path):
     model, tok = tiny4
     steer_calls = []
 
-    def fake_eval(steerer, tok_, corpus, cfg):
-        steer_calls.append(list(corpus))
+    def fake_eval(steerer, tok_, fit, ev, cfg, state):
+        steer_calls.append(list(fit))
         return [C.steering("neurons", [{"setting": "x1", "target_rate": 0.6, "source_rate": 0.4, "nll": 3.0}],
                            {"target_rate": 0.0, "nll": 2.0})]
 
@@ -311,3 +311,28 @@ def test_cli_user_corpus_not_parallel(tmp_path, capsys, monkeypatch):
     plain.write_text("just text\nno language\n")
     assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(plain)]) == 1
     assert "--corpus" in capsys.readouterr().err
+
+
+def test_run_tiny_steering_from_eval_harness(tiny4, tmp_path):
+    """The steering rows come from analysis/evaluate.py: one per fitted method, each its best sweep point."""
+    from xlkernels.analysis import evaluate as E
+    model, tok = tiny4
+    cfg = dict(SMALL, steer_prompts=2, steer_new_tokens=3, strengths={"shift": (4.0,), "itlc": (1.0,),
+               "incline": (0.3,), "forcing": (1.0, 2.0), "gate": (1.0,), "neurons": (None,)})
+    rep = rp.run(model, tok, level="quick", steps=("steering",), overrides=cfg, out=str(tmp_path),
+                 log=lambda *a: None)
+    assert rep["errors"] == []
+    rows = rep["rows"]
+    assert sorted(r["claim"].split(" ")[1].rstrip(",") for r in rows) == sorted(E.FIT_METHODS)
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert sum(r["holds"] is None for r in rows) <= 1   # an empty plan (no English neuron on a tiny model)
+    for r in rows:
+        if r["holds"] is None:
+            continue
+        d = r["details"]
+        plan = d["method"].split(" ")[0]
+        mine = [x for x in res["rows"] if x["plan"] == plan]
+        assert len(d["points"]) == len(mine)
+        assert d["best"]["target_rate"] == max(x["target_rate"] for x in mine)
+        assert d["baseline"]["nll"] == res["rows"][0]["nll"]
+    assert "## Steering sweep" in (tmp_path / "report.md").read_text()

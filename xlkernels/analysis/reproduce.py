@@ -23,12 +23,16 @@ LEVELS = {
     # langs, texts for statistics/scores/training, held-out texts, LAHIS texts, random-head seeds, soft-mask
     # train pairs, MEXA sentences, tokens per text
     "quick": dict(langs=("en", "de", "fr", "es"), n_fit=48, n_eval=16, n_lahis=12, seeds=3, n_train=24,
-                  n_mexa=48, max_length=48, mask_batch=4),
+                  n_mexa=48, max_length=48, mask_batch=4, steer_prompts=8, steer_new_tokens=16,
+                  strengths="quick"),
     "default": dict(langs=("en", "de", "fr", "es", "zh_Hans"), n_fit=96, n_eval=32, n_lahis=24, seeds=5,
-                    n_train=48, n_mexa=100, max_length=48, mask_batch=1),
+                    n_train=48, n_mexa=100, max_length=48, mask_batch=1, steer_prompts=16, steer_new_tokens=24,
+                    strengths=None),
     "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja", "ar"), n_fit=160, n_eval=64, n_lahis=64,
-                 seeds=10, n_train=100, n_mexa=100, max_length=64, mask_batch=1),
+                 seeds=10, n_train=100, n_mexa=100, max_length=64, mask_batch=1, steer_prompts=32,
+                 steer_new_tokens=32, strengths=None),
 }
+# strengths None: evaluate.DEFAULT_STRENGTHS (the eval sweep); "quick": QUICK_STRENGTHS
 HEAD_FRAC = 0.02   # LAHIS masks / trains int(L*H*0.02) heads (methods.md 1.4), at least 1
 NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian", "zh_Hans": "Chinese",
          "ja": "Japanese", "ar": "Arabic", "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}
@@ -201,7 +205,7 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
         steps=STEPS, seed=0, overrides=None, eval_fn=None, log=print) -> dict:
     """Measure the claims and return {"rows", "settings", "seconds", "errors", ...}; with `out` also write the
     report there. corpus: {lang: texts} (default: the embedded parallel corpus in `langs`); quick=True is
-    level="quick"; overrides: settings to change (e.g. {"n_fit": 16}); eval_fn(steerer, tok, corpus, cfg)
+    level="quick"; overrides: settings to change (e.g. {"n_fit": 16}); eval_fn(steerer, tok, fit, ev, cfg, state)
     returns the steering rows (default: from analysis/evaluate.py when it is installed)."""
     import xlkernels
     level = "quick" if quick else level
@@ -209,6 +213,8 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     cfg = dict(LEVELS[level], random_mask=level == "full")
     cfg.update(overrides or {})
+    if cfg["strengths"] == "quick":
+        cfg["strengths"] = QUICK_STRENGTHS
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
@@ -230,7 +236,7 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
             "heads": lambda: measure_heads(steerer, tokenizer, fit, ev, cfg, state, seed),
             "soft_mask": lambda: measure_soft_mask(steerer, tokenizer, fit, ev, cfg, state, seed=seed),
             "mexa": lambda: measure_mexa(steerer, tokenizer, corpus, cfg, state),
-            "steering": lambda: measure_steering(steerer, tokenizer, corpus, cfg, eval_fn)}
+            "steering": lambda: measure_steering(steerer, tokenizer, fit, ev, cfg, state, eval_fn)}
     for step in steps:
         if step == "soft_mask" and "scores" not in state:
             continue
@@ -250,20 +256,59 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
                                                          for k, v in cfg.items()},
               "langs": list(corpus), "n_fit": {x: len(t) for x, t in fit.items()},
               "n_eval": {x: len(t) for x, t in ev.items()}, "seed": seed, "rows": rows, "seconds": seconds,
-              "errors": errors, "plots_data": {k: state[k] for k in ("lape_counts", "mexa") if k in state}}
+              "errors": errors, "plots_data": {k: state[k] for k in ("lape_counts", "mexa", "eval") if k in state}}
     if out is not None:
         write_report(report, out)
     return report
 
 
-def measure_steering(steerer, tok, corpus, cfg, eval_fn=None):
+QUICK_STRENGTHS = {"shift": (4.0, 16.0), "itlc": (1.0, 4.0), "incline": (0.3, 1.0), "forcing": (1.0, 2.0),
+                   "gate": (1.0, 2.0), "neurons": (None,)}
+
+
+def steering_eval(steerer, tok, fit, ev, cfg, state):
+    """Fit one plan per method on the fit texts (evaluate.fit_plans), steer held-out English prompts toward
+    the target (de, else the first other language) over a strength sweep (evaluate.evaluate), and make one
+    row per method from its best setting."""
+    from . import evaluate as E
+    if "en" not in fit or not is_parallel(fit):
+        return [claims.make_row("Steering", "", "undecided: needs a parallel corpus with en", None, {})]
+    target = cfg.get("steer_target") or ("de" if "de" in fit else next(x for x in fit if x != "en"))
+    plans, empty = {}, []
+    for name, plan in E.fit_plans(steerer, tok, fit, "en", target, max_length=cfg["max_length"]).items():
+        try:
+            E.method_of(plan)
+            plans[name] = plan
+        except ValueError:   # e.g. no English LAPE neuron to switch off
+            empty.append(name)
+    prompts = ev["en"][:cfg["steer_prompts"]]
+    res = E.evaluate(steerer, tok, plans, prompts, source="en", target=target, strengths=cfg["strengths"],
+                     max_new_tokens=cfg["steer_new_tokens"])
+    state["eval"] = res
+    base = next(r for r in res["rows"] if r["plan"] == "unsteered")
+    rows = []
+    for name in plans:
+        pts = [{"setting": "-" if r["strength"] is None else f"{E.STRENGTH_NAME[r['method']]} {r['strength']:g}",
+                "target_rate": r["target_rate"], "source_rate": r["source_rate"], "nll": r["nll"],
+                "repetition": r["repetition"], "example": r["generations"][0]}
+               for r in res["rows"] if r["plan"] == name]
+        row = claims.steering(f"{name} ({E.method_of(plans[name])}), en -> {target}", pts,
+                              {"target_rate": base["target_rate"], "nll": base["nll"]})
+        rows.append(row)
+    return rows + [claims.make_row(f"Steering: {name}, en -> {target}", "steering switches the output language "
+                                   "to the target (method's paper)", "undecided: the fit found nothing to steer "
+                                   "with (empty plan)", None, {"method": name}) for name in empty]
+
+
+def measure_steering(steerer, tok, fit, ev, cfg, state, eval_fn=None):
     if eval_fn is None:
         try:
-            from .evaluate import reproduce_rows as eval_fn   # noqa: F811 (analysis/evaluate.py, issue 12)
+            from . import evaluate  # noqa: F401 (analysis/evaluate.py, issue 12 part 2)
         except ImportError:
             return [claims.make_row("Steering", "steering switches the output language to the target",
                                     "not measured: analysis/evaluate.py is not available", None, {})]
-    return eval_fn(steerer, tok, corpus, cfg)
+        eval_fn = steering_eval
+    return eval_fn(steerer, tok, fit, ev, cfg, state)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -353,6 +398,14 @@ def write_report(report: dict, out) -> list:
     if report["errors"]:
         lines += ["Errors:", ""] + [f"- {e}" for e in report["errors"]] + [""]
     lines += [f"![{p}]({p})" for p in plots]
+    res = report.get("plots_data", {}).get("eval")
+    if res is not None:
+        from . import evaluate as E
+        E.save(res, out, title=f"{report['model']}: steering {res['source']} -> {res['target']}")
+        lines += ["", f"## Steering sweep ({res['source']} -> {res['target']}, {len(res['prompts'])} held-out "
+                  f"prompts, {res['max_new_tokens']} new tokens; eval.json has every generation)", "",
+                  E.to_markdown(res), "![eval.png](eval.png)"]
+        plots += ["eval.json", "eval.md", "eval.png"]
     lines += ["", "Seconds per step: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
