@@ -33,21 +33,43 @@ def _ref_sums(model, seqs):
     return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts)
 
 
+def _cost(batches, lengths, overhead):
+    return sum(len(b) * max(max(lengths[i] for i in b), 1) + overhead for b in batches)
+
+
+def _brute_best(lengths, bs, mt, overhead):
+    """Cheapest split of the sorted order into runs within the limits (all 2**(n-1) cut sets)."""
+    lens = sorted(max(x, 1) for x in lengths)
+    n, best = len(lens), float("inf")
+    for mask in range(2 ** (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        runs = [lens[a:b] for a, b in zip(cuts, cuts[1:])]
+        if all((bs is None or len(r) <= bs) and (mt is None or len(r) == 1 or len(r) * r[-1] <= mt) for r in runs):
+            best = min(best, sum(len(r) * r[-1] + overhead for r in runs))
+    return best
+
+
 def test_length_buckets():
     rng = _rng()
     lengths = [rng.randrange(0, 40) for _ in range(rng.randrange(50, 90))]
-    for bs, mt in ((None, None), (7, None), (None, 97), (5, 61), (1, 1)):
+    for bs, mt in ((None, None), (7, None), (None, 97), (5, 61), (1, 1), (None, 20)):
         out = heads.length_buckets(lengths, bs, mt)
         flat = [i for b in out for i in b]
         assert sorted(flat) == list(range(len(lengths))), f"seed {SEED}"
         assert [lengths[i] for i in flat] == sorted(lengths)           # sorted by length
-        for b, nxt in zip(out, out[1:] + [None]):
+        for b in out:
             n, longest = len(b), max(lengths[i] for i in b)
-            assert bs is None or n <= bs
+            assert n <= (bs or heads.MAX_BATCH_SEQS)
             assert mt is None or n == 1 or n * longest <= mt
-            if nxt is not None:   # greedy: the next sequence did not fit
-                grown = (n + 1, lengths[nxt[0]])
-                assert (bs is not None and grown[0] > bs) or (mt is not None and grown[0] * grown[1] > mt)
+    # the cuts are the cheapest within the limits (padded tokens + overhead per batch)
+    for trial in range(6):
+        small = [rng.randrange(0, 12) for _ in range(rng.randrange(1, 11))]
+        bs, mt, ov = rng.choice([None, 3]), rng.choice([None, 24]), rng.choice([0, 5, 64])
+        out = heads.length_buckets(small, bs, mt, overhead=ov)
+        assert _cost(out, small, ov) == _brute_best(small, bs, mt, ov), f"seed {SEED} {small} {bs} {mt} {ov}"
+    # a short tail is not padded to one long sequence; equal lengths share one batch
+    assert heads.length_buckets([3, 3, 3, 3, 40], None, 512, overhead=8) == [[0, 1, 2, 3], [4]]
+    assert heads.length_buckets([5] * 9, None, 512) == [list(range(9))]
     assert heads.length_buckets([], 4, 8) == []
     with pytest.raises(ValueError, match="max_tokens"):
         heads.length_buckets([3], 2, 0)
@@ -132,7 +154,7 @@ def test_token_budget():
     assert heads.token_budget(2, 24, None, "cpu") == 48
     assert heads.token_budget(8, 128, 4096, "cpu") == 4096
     assert heads.token_budget(8, 128, None, "meta") == 1024
-    assert heads.token_budget(None, None, None, "meta") is None
+    assert heads.token_budget(None, None, None, "meta") == heads.GPU_MAX_TOKENS
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

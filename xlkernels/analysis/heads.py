@@ -64,26 +64,38 @@ def pad_right(seqs, pad_id: int = 0, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def length_buckets(lengths, batch_size: int | None = None, max_tokens: int | None = None) -> list[list[int]]:
+BATCH_OVERHEAD_TOKENS = 64   # per-batch cost in padded-token equivalents (fixed costs, small-GEMM inefficiency)
+MAX_BATCH_SEQS = 256   # sequences per batch when batch_size is not given (bounds the search below)
+
+
+def length_buckets(lengths, batch_size: int | None = None, max_tokens: int | None = None,
+                   overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
     """Indices of `lengths` grouped into batches of similar length, so right padding costs little: sorted by
-    length (stable), then cut greedily so that a batch holds at most `batch_size` sequences and at most
-    `max_tokens` padded tokens (count x longest; a single longer sequence gets a batch of its own).
-    None = no limit. Every index appears exactly once."""
+    length (stable), then cut into runs of at most `batch_size` sequences and at most `max_tokens` padded
+    tokens (count x longest; a longer single sequence gets a batch of its own); batch_size None =
+    MAX_BATCH_SEQS, max_tokens None = no limit. Within the
+    limits the cuts minimise the padded tokens plus `overhead` per batch (exact dynamic programme over the
+    sorted order), so a short tail is not padded to the longest sequence and tiny batches are avoided.
+    Every index appears exactly once."""
     for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out, cur = [], []
-    for i in order:
-        n, longest = len(cur) + 1, int(lengths[i])
-        if cur and ((batch_size is not None and n > batch_size)
-                    or (max_tokens is not None and n * longest > max_tokens)):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
+    lens = [max(1, int(lengths[i])) for i in order]
+    n = len(lens)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for i in range(1, n + 1):              # last batch = sorted[j:i], padded to lens[i-1]
+        L = lens[i - 1]
+        cap = min(batch_size or MAX_BATCH_SEQS, (max_tokens // L if max_tokens else n) or 1, i)
+        for j in range(i - 1, i - cap - 1, -1):
+            c = best[j] + (i - j) * L + overhead
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    out, i = [], n
+    while i > 0:
+        out.append(order[cut[i]:i])
+        i = cut[i]
+    return out[::-1]
 
 
 def pad_id_of(tokenizer) -> int:
@@ -153,19 +165,20 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
 
 
 CPU_MAX_TOKENS = 512   # padded tokens per batch on a CPU: past this, bigger batches ran slower (bench/NOTES.md)
+GPU_MAX_TOKENS = 16384   # elsewhere, when neither max_tokens nor batch_size x max_length is given
 NOGRAD_CHUNK_LOGITS = 1 << 26   # logits per lm_head chunk without grad (256 MB fp32): fewer, larger GEMMs
 
 
 def token_budget(batch_size: int | None, max_length: int | None, max_tokens: int | None, device) -> int | None:
     """Padded tokens per length-sorted batch: `max_tokens` when given; else batch_size texts of max_length
-    tokens (the most a padded batch of the old kind could take), on a CPU at most CPU_MAX_TOKENS. None = no
-    limit (nothing given, not on a CPU)."""
+    tokens (the most a padded batch of the old kind could take), on a CPU at most CPU_MAX_TOKENS; with
+    neither, CPU_MAX_TOKENS or GPU_MAX_TOKENS."""
     if max_tokens is not None:
         return int(max_tokens)
     budget = batch_size * max_length if batch_size is not None and max_length is not None else None
     if torch.device(device).type == "cpu":
-        budget = CPU_MAX_TOKENS if budget is None else min(budget, CPU_MAX_TOKENS)
-    return budget
+        return CPU_MAX_TOKENS if budget is None else min(budget, CPU_MAX_TOKENS)
+    return GPU_MAX_TOKENS if budget is None else budget
 
 
 @torch.no_grad()
@@ -175,7 +188,7 @@ def sequence_nll(model, seqs, pad_id: int = 0, batch_size: int | None = None, ma
     `seqs`, in the given order (the first token of a sequence is not predicted).
 
     Sequences are batched by length (`length_buckets`: at most `batch_size` sequences and `max_tokens` padded
-    tokens per batch; max_tokens None = CPU_MAX_TOKENS on a CPU, no limit elsewhere) and right-padded, and
+    tokens per batch; max_tokens None = CPU_MAX_TOKENS on a CPU, GPU_MAX_TOKENS elsewhere) and right-padded, and
     `token_nll` runs the LM head on the predicted positions only (no full logits, no logits of the last
     position, no KV cache) in chunks of `chunk_tokens` (default: about NOGRAD_CHUNK_LOGITS logits).
     `model`: an HF causal LM or a Steerer."""
