@@ -173,8 +173,9 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
     over_zero counts and `tokens` the per-language token counts. Accumulates into `stats` when given.
     bucket (default): texts sorted by length share a batch up to a padded-token budget (heads.token_budget:
     `max_tokens`, else batch_size x max_length, on a CPU at most 512); bucket=False: batch_size texts per
-    batch in corpus order (`text_batches`). The statistics are the same either way (per-token counts; sums up
-    to float rounding). packing=True: LAPE's packed rows (`packed_batches`)."""
+    batch in corpus order (`text_batches`). Both give the same per-token statistics up to float rounding (GEMM
+    results depend on the batch shape, so a gate within rounding of 0 can flip its act > 0 count; sums
+    differ in the last bits). packing=True: LAPE's packed rows (`packed_batches`)."""
     _check_corpus(corpus)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
