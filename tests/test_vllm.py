@@ -69,6 +69,7 @@ def llm(plans):
     for name, plan in plans.items():
         engine.register_plan(name, plan)
     yield engine
+    engine.close()
 
 
 def _greedy():
@@ -102,13 +103,25 @@ def hf_stats(hf, corpus):
     return N.collect_stats(st, tok, corpus, batch_size=4, max_length=64, progress=False)
 
 
-def _assert_stats_equal(a, b, exact_sums=False):
-    assert torch.equal(a.tokens, b.tokens)
-    assert torch.equal(a.positive, b.positive), f"{int((a.positive != b.positive).sum())} counts differ"
-    tol = dict(rtol=0, atol=0) if exact_sums else dict(rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(a.sum, b.sum, **tol)
-    torch.testing.assert_close(a.sum_sq, b.sum_sq, **tol)
-    torch.testing.assert_close(a.max, b.max, **tol)
+# Two engines (HF vs vLLM, or vLLM compiled vs eager, or TP=2 vs 1) compute the gate activations with other GEMM
+# blockings, attention kernels and norm reductions, so an activation within rounding of zero can land on the other
+# side of it: act>0 counts may then differ by one, in at most FLIPS of all (L, K, I) entries (measured on this
+# corpus: 2-3 of 110,592 entries, HF vs vLLM eager/compiled). Token counts must be equal; sums agree to rounding.
+FLIPS = 1e-4
+
+
+def _assert_stats_match(a, b, flips=FLIPS):
+    assert torch.equal(a.tokens, b.tokens), (a.tokens[0].tolist(), b.tokens[0].tolist())
+    d = (a.positive - b.positive).abs()
+    assert int(d.max()) <= 1 and int((d > 0).sum()) <= flips * d.numel(), \
+        f"{int((d > 0).sum())} of {d.numel()} counts differ, by up to {int(d.max())}"
+    torch.testing.assert_close(a.sum, b.sum, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(a.sum_sq, b.sum_sq, rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(a.max, b.max, rtol=1e-4, atol=1e-4)
+
+
+def _assert_stats_equal(a, b):
+    assert a.equal(b), "statistics differ"
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -118,10 +131,10 @@ def test_stats_equal_hf_with_prefix_caching(llm, hf, corpus, hf_stats):
     tok = hf[2]
     first = collect_stats(llm, corpus, tokenizer=tok, max_length=64, progress=False)
     assert first.positive.shape == hf_stats.positive.shape and first.tokens.sum() > 0
-    _assert_stats_equal(first, hf_stats)
+    _assert_stats_match(first, hf_stats)
     # Every prompt is now in the prefix cache: a second pass must still count every token, identically.
     again = collect_stats(llm, corpus, tokenizer=tok, max_length=64, progress=False)
-    _assert_stats_equal(again, first, exact_sums=True)
+    _assert_stats_equal(again, first)
 
 
 # ---------------------------------------------------------------------------------------------- steering
@@ -155,7 +168,7 @@ def test_mixed_batch_isolation(llm, plain):
         assert got[i] == want[PROMPTS.index(p)], (i, n, l)
 
 
-def test_bad_input_keeps_engine_serving(llm, hf, plain, plans):
+def test_bad_input_keeps_engine_serving(llm, hf, plain, plans, tmp_path):
     with pytest.raises(ValueError, match="not registered"):
         llm.generate(PROMPTS[:1], _greedy(), plan="nope")
     with pytest.raises(ValueError, match="lang must be one of"):
@@ -170,6 +183,10 @@ def test_bad_input_keeps_engine_serving(llm, hf, plain, plans):
     with pytest.raises(ValueError, match="neurons"):
         llm.register_plan("bad", wrong)
     assert "bad" not in llm.plans
+    # The same bad plan past the main process's checks: the workers refuse it, and keep serving.
+    path = bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(Exception, match="num_heads"):
+        llm.collective_rpc("xlk_register_plan", args=("bad", str(path)))
     # Requests naming an unknown plan past the checks (e.g. vllm_xargs over HTTP) run unsteered.
     raw = SamplingParams(max_tokens=NEW, temperature=0.0, extra_args={"xlk_plan": "nope"})
     import vllm
@@ -184,6 +201,7 @@ def eager(plans):
     engine.register_plan("neurons", plans["neurons"])
     engine.register_plan("bank", plans["bank"])
     yield engine
+    engine.close()
 
 
 def test_compile_mode_equals_eager(llm, eager, corpus, hf):
@@ -193,7 +211,7 @@ def test_compile_mode_equals_eager(llm, eager, corpus, hf):
     assert eager.llm_engine.vllm_config.compilation_config.mode == CompilationMode.NONE
     a = collect_stats(llm, corpus, tokenizer=hf[2], max_length=64, progress=False)
     b = collect_stats(eager, corpus, tokenizer=hf[2], max_length=64, progress=False)
-    _assert_stats_equal(a, b)
+    _assert_stats_match(a, b)
     for name, lang in (("neurons", None), ("bank", "de")):
         ga = _ids(llm.generate(PROMPTS, _greedy(), plan=name, lang=lang, use_tqdm=False))
         gb = _ids(eager.generate(PROMPTS, _greedy(), plan=name, lang=lang, use_tqdm=False))
@@ -201,29 +219,27 @@ def test_compile_mode_equals_eager(llm, eager, corpus, hf):
 
 
 # ---------------------------------------------------------------------------------------------- tensor parallel
-TP_FLIPS = 0.001   # at most this fraction of the (L, K, I) counts may differ by a sign flip near zero
-
-
 @pytest.mark.skipif(os.environ.get("XLK_VLLM_TP", "1") == "0", reason="XLK_VLLM_TP=0")
-def test_tensor_parallel_2_equals_1(eager, corpus, hf, plans):
+def test_tensor_parallel_2_equals_1(eager, corpus, hf, plans, monkeypatch):
     """TP=2 shards the neurons (gate_up columns) and heads; the row-parallel down projection sums partial
-    products in another order, so activations within rounding of zero may flip sign: counts may differ by a few,
-    bounded by TP_FLIPS of all entries; tokens must be identical."""
+    products in another order, so activations within rounding of zero may flip sign: counts may differ by one in
+    at most FLIPS of all entries (see _assert_stats_match); generated tokens must be identical."""
     from xlkernels.vllm import collect_stats
     a = collect_stats(eager, corpus, tokenizer=hf[2], max_length=64, progress=False)
+    # vLLM binds each CPU worker to a NUMA node by default; this machine has one, so bind by core.
+    ncpu = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"0-{ncpu // 2 - 1}|{ncpu // 2}-{ncpu - 1}" if ncpu > 3 else
+                       "|".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2]))
     tp = _llm(enforce_eager=True, tensor_parallel_size=2, distributed_executor_backend="mp")
     try:
         assert [i["tp_rank"] for i in tp.xlk_info] == [0, 1]
         for name in ("neurons", "bank"):
             tp.register_plan(name, plans[name])
         b = collect_stats(tp, corpus, tokenizer=hf[2], max_length=64, progress=False)
-        assert torch.equal(a.tokens, b.tokens)
-        diff = (a.positive - b.positive).abs()
-        assert int(diff.sum()) <= TP_FLIPS * diff.numel(), f"{int(diff.sum())} flips"
-        torch.testing.assert_close(a.sum, b.sum, rtol=1e-3, atol=1e-2)
+        _assert_stats_match(a, b)
         for name, lang in (("neurons", None), ("bank", "fr"), (None, None)):
             ga = _ids(eager.generate(PROMPTS, _greedy(), plan=name, lang=lang, use_tqdm=False))
             gb = _ids(tp.generate(PROMPTS, _greedy(), plan=name, lang=lang, use_tqdm=False))
             assert ga == gb, name
     finally:
-        del tp
+        tp.close()

@@ -145,8 +145,11 @@ def act_and_mul(x: torch.Tensor, activation: str) -> torch.Tensor:
         return glu_checked(gate, up, activation, None, None, None, None)
     layer = s.layer
     if not 0 <= layer < s.num_layers:
-        raise RuntimeError(f"xlkernels.vllm: the MLP ran with no known layer index ({layer}); the wrapped "
-                           "attention backend must run first (only CPU_ATTN is wrapped so far)")
+        # No wrapped attention ran. Never crash the engine's step: the main process refuses plans and statistics
+        # on such engines, and collect_stats checks the token counts it gets back.
+        _warn_once("layer", f"xlkernels.vllm: the MLP ran with no known layer index ({layer}): no statistics or "
+                   "neuron edits this step (only CPU_ATTN is wrapped so far)")
+        return glu_checked(gate, up, activation, None, None, None, None)
     t = x.shape[0]
     mul = s.mul_rows[layer] if s.mul_rows else None
     steer = mul is not None and s.sel is not None

@@ -66,6 +66,12 @@ class LLM(vllm.LLM):
         self._plans = {}      # name -> {"languages": [...], "version": int}
         self._version = 0
 
+    def close(self) -> None:
+        """Stop the engine's processes now (otherwise at interpreter exit)."""
+        core = getattr(self.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     # ------------------------------------------------------------------------------------------ plans
     def register_plan(self, name: str, plan, alpha: float | None = None) -> None:
         """Send a SteeringPlan (or a plan path) to every worker under `name` (replacing one of that name).
@@ -85,9 +91,7 @@ class LLM(vllm.LLM):
         from .worker import check_supported
         plan.validate(self.dims)
         check_supported(plan)
-        if (plan.gate is not None or plan.shift is not None) and not self.heads_steerable:
-            raise NotImplementedError("head gates/shifts need the wrapped attention backend, which exists for "
-                                      f"CPU_ATTN only; this engine runs {self.xlk_info[0]['attention_impls']}")
+        _need_wrapped_attention(self, "steering plans")
         langs = self.collective_rpc("xlk_register_plan", args=(name, path, alpha))[0]
         self._version += 1
         self._plans[name] = {"languages": langs, "version": self._version}
@@ -151,6 +155,13 @@ class LLM(vllm.LLM):
         return super().generate(prompts, params, **kwargs)
 
 
+def _need_wrapped_attention(llm, what):
+    """Head steering happens in the wrapped attention backend, which also tells the MLP op its layer."""
+    if not llm.heads_steerable:
+        raise NotImplementedError(f"{what} need xlkernels' wrapped attention backend, which exists for vLLM's "
+                                  f"CPU_ATTN only so far; this engine runs {llm.xlk_info[0]['attention_impls']}")
+
+
 def _per_prompt(value, n, what, kind=str):
     if value is None or isinstance(value, kind):
         return [value] * n
@@ -193,6 +204,7 @@ def collect_stats(llm: LLM, corpus: dict, tokenizer=None, max_length: int = 256,
     Raises if the engine counted another number of tokens than it was sent (never returns silent zeros)."""
     if not isinstance(llm, LLM):
         raise TypeError(f"llm must be an xlkernels.vllm.LLM, got {type(llm).__name__}")
+    _need_wrapped_attention(llm, "neuron statistics")
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if tokenizer is None:
