@@ -166,8 +166,11 @@ def test_bad_input():
         ev.evaluate(model, tok, {"unsteered": plan}, ["hi"], **kw)
     with pytest.raises(TypeError, match="plans"):
         ev.evaluate(model, tok, [plan], ["hi"], **kw)
-    with pytest.raises(ValueError, match="empty"):
-        ev.evaluate(model, tok, {"e": SteeringPlan(meta=model_meta(st))}, ["hi"], **kw)
+    for empty in (SteeringPlan(meta=model_meta(st)), SteeringPlan(gate=torch.ones(2, 4), meta=model_meta(st)),
+                  SteeringPlan(neurons={0: torch.zeros(0, dtype=torch.long)}, meta=model_meta(st)),
+                  ev.NeuronForcing(off={1: torch.zeros(0, dtype=torch.long)})):
+        with pytest.raises(ValueError, match="empty"):
+            ev.evaluate(model, tok, {"e": empty}, ["hi"], **kw)
     with pytest.raises(ValueError, match="lid_langs"):
         ev.evaluate(model, tok, {"p": plan}, ["hi"], lid_langs=["en", "fr"], **kw)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -127,13 +127,16 @@ def load_plan(path, model=None):
 def method_of(plan) -> str:
     """The method whose strength a plan's sweep varies (see the module doc)."""
     if isinstance(plan, NeuronForcing):
+        if not any(len(v) for v in list(plan.off.values()) + list(plan.on.values())):
+            raise ValueError("the neuron forcing plan is empty: no neuron to switch off or set")
         return "forcing"
     have = {"shift": plan.shift is not None, "itlc": plan.itlc is not None, "incline": plan.incline is not None,
-            "gate": plan.gate is not None, "neurons": bool(plan.neurons), "forcing": False}
+            "gate": plan.gate is not None and bool((plan.gate != 1).any()),
+            "neurons": any(len(v) for v in plan.neurons.values()), "forcing": False}
     for m in METHODS:
         if have[m]:
             return m
-    raise ValueError("the plan is empty: no gate, shift, neurons, ITLC or INCLINE")
+    raise ValueError("the plan is empty: no gate other than 1, shift, neurons, ITLC or INCLINE")
 
 
 # ---------------------------------------------------------------------------------------------- measures
