@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.model]
 PROMPTS = ["The capital of France is", "Der Himmel ist heute", "My favourite food is", "Yesterday I went to"]
 NEW = 8
 LANGS = ["en", "de", "fr"]
-ENGINE = dict(max_model_len=256, max_num_seqs=16, kv_cache_memory_bytes=1 << 28, seed=0)
+ENGINE = dict(max_model_len=512, max_num_seqs=16, kv_cache_memory_bytes=1 << 28, seed=0)
 
 
 def _llm(**kw):
@@ -128,13 +128,21 @@ def _assert_stats_equal(a, b):
 def test_stats_equal_hf_with_prefix_caching(llm, hf, corpus, hf_stats):
     from xlkernels.vllm import collect_stats
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
-    tok = hf[2]
+    model, st, tok = hf
     first = collect_stats(llm, corpus, tokenizer=tok, max_length=64, progress=False)
     assert first.positive.shape == hf_stats.positive.shape and first.tokens.sum() > 0
     _assert_stats_match(first, hf_stats)
-    # Every prompt is now in the prefix cache: a second pass must still count every token, identically.
-    again = collect_stats(llm, corpus, tokenizer=tok, max_length=64, progress=False)
-    _assert_stats_equal(again, first)
+    # Long texts (several KV blocks of 128 tokens) twice: after the first pass every block is in the prefix cache,
+    # which a statistics request must not read (it would skip those tokens); both passes count every token.
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    long = {k: [" ".join(v * 16)] for k, v in corpus.items()}
+    n = min(len(tok(t[0])["input_ids"]) for t in long.values())
+    assert n > 2 * block, f"texts of {n} tokens do not fill two KV blocks of {block}"
+    a = collect_stats(llm, long, tokenizer=tok, max_length=480, progress=False)
+    b = collect_stats(llm, long, tokenizer=tok, max_length=480, progress=False)
+    _assert_stats_equal(a, b)
+    st.reset()
+    _assert_stats_match(a, N.collect_stats(st, tok, long, batch_size=3, max_length=480, progress=False))
 
 
 # ---------------------------------------------------------------------------------------------- steering
