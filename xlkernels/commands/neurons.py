@@ -14,6 +14,7 @@ EXAMPLES = """\
   xlkernels neurons --langs en,de,fr,ja --n 300 --deactivate --out runs/neurons
   xlkernels neurons --model ~/models/Qwen2.5-0.5B --texts en=wiki.en.txt --texts de=wiki.de.txt --packing
   xlkernels neurons --tiny llama --n 20 --no-progress   # random tiny model (smoke test)
+  xlkernels neurons --engine vllm --langs en,de,fr --n 500   # statistics inside vLLM (xlkernels.vllm)
 outputs in --out: summary.json, stats.safetensors (NeuronStats, fields (L, K, I)), neurons.safetensors
 (lape.<lang>.<layer>, specific.*, related.*, general.all.<layer>: neuron ids), neurons.png
 """
@@ -21,6 +22,8 @@ outputs in --out: summary.json, stats.safetensors (NeuronStats, fields (L, K, I)
 
 def add_arguments(p):
     add_model_arguments(p)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="where the statistics run: the patched "
+                   "HF model (default) or vLLM (needs vllm; --model must be a local HF directory; no --tiny)")
     d = p.add_argument_group("data")
     d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
                    "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
@@ -57,18 +60,23 @@ def plot_counts(counts, langs, path, title="language-specific neurons per layer 
     return neuron_counts({x: c for x, c in zip(langs, counts.tolist())}, path, title=title)
 
 
-def analyse(steerer, tok, corpus, args, progress=True, log=print):
-    """Stats -> LAPE -> classification (-> deactivation). Returns (summary dict, tensors dict, stats)."""
+def analyse(steerer, tok, corpus, args, progress=True, log=print, collect=None):
+    """Stats -> LAPE -> classification (-> deactivation). Returns (summary dict, tensors dict, stats).
+    collect(corpus) -> NeuronStats replaces the HF pass (e.g. inside vLLM); steerer may then be None."""
     from xlkernels.analysis import neurons as N
     langs = list(corpus)
     stats_corpus, eval_corpus = split_eval(corpus, args.eval_n) if args.deactivate else (corpus, None)
     t0 = time.perf_counter()
-    stats = N.collect_stats(steerer, tok, stats_corpus, args.batch_size, args.max_length, progress=progress,
-                            packing=args.packing)
+    if collect is not None:
+        stats = collect(stats_corpus)
+    else:
+        stats = N.collect_stats(steerer, tok, stats_corpus, args.batch_size, args.max_length, progress=progress,
+                                packing=args.packing)
     t_stats = time.perf_counter() - t0
+    num_layers, num_neurons = stats.positive.shape[0], stats.positive.shape[-1]
     ntok = int(stats.tokens[0].sum())
     log(f"statistics: {ntok} tokens in {t_stats:.1f} s ({ntok / max(t_stats, 1e-9):.0f} tokens/s), "
-        f"{steerer.num_layers} layers x {steerer.num_neurons} neurons x {len(langs)} languages")
+        f"{num_layers} layers x {num_neurons} neurons x {len(langs)} languages")
     p = N.activation_probs(stats)
     lape = N.lape(p, top_rate=args.top_rate, activation_bar_ratio=args.bar)
     lam = args.lam if args.lam == "auto" else float(args.lam)
@@ -76,7 +84,7 @@ def analyse(steerer, tok, corpus, args, progress=True, log=print):
     lape_counts = lape.counts()
     cc = cls.counts()
     summary = {
-        "languages": langs, "num_layers": steerer.num_layers, "num_neurons": steerer.num_neurons,
+        "languages": langs, "num_layers": num_layers, "num_neurons": num_neurons,
         "tokens": dict(zip(langs, stats.tokens[0].tolist())), "seconds_stats": round(t_stats, 2),
         "lape": {"top_rate": args.top_rate, "filter_value": lape.filter_value, "bar": lape.bar,
                  "selected": int(lape.selected.sum()),
@@ -132,12 +140,41 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
+def run_vllm(args, progress):
+    """The statistics inside vLLM; LAPE and the classes as on the HF path."""
+    if args.tiny:
+        raise ValueError("--engine vllm needs a model directory (--model) or the embedded model, not --tiny")
+    if args.deactivate:
+        raise ValueError("--deactivate runs on the HF engine only; drop --engine vllm or --deactivate")
+    from transformers import AutoTokenizer
+
+    from xlkernels.models import DEFAULT_NAME
+    try:
+        from xlkernels.vllm import LLM, collect_stats
+    except ImportError as e:   # no vLLM in this environment: the CLI's one-line error, not a traceback
+        raise RuntimeError(str(e)) from None
+    path = os.path.expanduser(args.model) if args.model else None
+    llm = LLM(path, dtype=args.dtype, max_model_len=max(args.max_length, 64) + 8)
+    tok = AutoTokenizer.from_pretrained(llm.llm_engine.vllm_config.model_config.tokenizer, local_files_only=True)
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
+    corpus = load_corpus(args, args.n)
+    print(f"model {name} (vLLM); languages {', '.join(corpus)}; {min(len(t) for t in corpus.values())} texts each",
+          file=sys.stderr)
+    def collect(c):
+        return collect_stats(llm, c, tokenizer=tok, max_length=args.max_length, packing=args.packing,
+                             progress=progress)
+    return analyse(None, tok, corpus, args, progress, collect=collect), name, corpus
+
+
 def run(args) -> int:
     import xlkernels
     progress = not args.no_progress
     for name in ("n", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "engine", "hf") == "vllm":
+        (summary, tensors, stats, lape, _), name, corpus = run_vllm(args, progress)
+        return _finish(args, summary, tensors, stats, lape, name, corpus)
     model, tok, name = load_model_from_args(args, progress)
     n_total = args.n + (args.eval_n if args.deactivate else 0)
     corpus = load_corpus(args, n_total)
@@ -145,6 +182,10 @@ def run(args) -> int:
     print(f"model {name}; languages {', '.join(corpus)}; {min(len(t) for t in corpus.values())} texts each",
           file=sys.stderr)
     summary, tensors, stats, lape, _ = analyse(steerer, tok, corpus, args, progress)
+    return _finish(args, summary, tensors, stats, lape, name, corpus)
+
+
+def _finish(args, summary, tensors, stats, lape, name, corpus) -> int:
     summary["model"] = name
     write_outputs(args.out, summary, tensors, stats, lape.counts(), list(corpus))
     print(format_summary(summary))

@@ -20,6 +20,7 @@ EXAMPLES = """\
   xlkernels steer --plan runs/itlc --target-lang ja --prompt "Der Himmel ist"   # source = probe's guess
   xlkernels steer --plan runs/incline --sigma 0.5 --compare --prompt "Der Himmel ist"
   xlkernels steer --tiny llama --plan /tmp/p --target-lang de --prompt hi --no-progress
+  xlkernels steer --engine vllm --plan xlk_shift --target-lang de,fr --compare --prompt "The sky is" --prompt "I like"
 --target-lang takes one language for all prompts or a comma list with one per prompt (bank and ITLC plans).
 ITLC adds alpha * (u_target - u_source) after block layer-1 at prompt and generated tokens; without
 --source-lang the source is the ITLC probe's language for each prompt. INCLINE runs a clean pass per prompt,
@@ -29,6 +30,9 @@ then overwrites the last prompt token's state in every layer with h + sigma * h 
 
 def add_arguments(p):
     add_model_arguments(p)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="generate with the patched HF model "
+                   "(default) or inside vLLM, all prompts in one batch (needs vllm; gates, shifts, banks and "
+                   "neuron deactivations; no ITLC/INCLINE; --model must be a local HF directory; no --tiny)")
     s = p.add_argument_group("steering")
     s.add_argument("--plan", required=True, metavar="PATH",
                    help="plan directory or .safetensors written by `xlkernels shift`/`heads` (or SteeringPlan.save)")
@@ -79,6 +83,60 @@ def detect_language(model, tok, itlc, prompt):
     return itlc.langs[int(itlc.predict(x)[0])]
 
 
+def run_vllm(args, prompts) -> int:
+    """Every prompt in one vLLM batch, each steered by the plan (and its --target-lang)."""
+    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.models import DEFAULT_NAME
+    try:
+        from xlkernels.vllm import LLM
+    except ImportError as e:   # no vLLM in this environment: the CLI's one-line error, not a traceback
+        raise RuntimeError(str(e)) from None
+    from vllm import SamplingParams
+    if args.tiny:
+        raise ValueError("--engine vllm needs a model directory (--model) or the embedded model, not --tiny")
+    if args.sigma is not None or args.source_lang:
+        raise ValueError("--sigma / --source-lang steer the residual stream (INCLINE/ITLC): HF engine only")
+    plan = SteeringPlan.load(os.path.expanduser(args.plan))
+    bank = plan.shift is not None and plan.shift.dim() == 4
+    targets = [None] * len(prompts)
+    if bank:
+        if not args.target_lang:
+            raise ValueError(f"the plan holds a shift bank: pick --target-lang from {plan.languages}")
+        targets = _per_prompt(args.target_lang, len(prompts), "--target-lang")
+        bad = [x for x in targets if x not in plan.languages]
+        if bad:
+            raise ValueError(f"--target-lang {bad} is not in the plan's languages {plan.languages}")
+    elif args.target_lang:
+        print("note: the plan has no shift bank; --target-lang is ignored", file=sys.stderr)
+    llm = LLM(os.path.expanduser(args.model) if args.model else None, dtype=args.dtype, max_model_len=1024,
+              enable_prefix_caching=True)
+    llm.register_plan("plan", plan, alpha=args.alpha)
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
+    sp = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
+    steered = llm.generate(prompts, sp, plan="plan", lang=targets, use_tqdm=not args.no_progress)
+    plain = llm.generate(prompts, sp, use_tqdm=not args.no_progress) if args.compare else None
+    rows = []
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        row = {"prompt": prompt, "target": target}
+        if plain is not None:
+            row["plain"] = plain[i].outputs[0].text
+        row["steered"] = steered[i].outputs[0].text
+        rows.append(row)
+        print(f"{'[' + target + '] ' if target else ''}{prompt!r}")
+        if plain is not None:
+            print(f"  plain:   {row['plain']!r}")
+        print(f"  steered: {row['steered']!r}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        res = {"model": name, "engine": "vllm", "plan": args.plan,
+               "alpha": plan.alpha if args.alpha is None else args.alpha,
+               "max_new_tokens": args.max_new_tokens, "results": rows}
+        with open(os.path.join(args.out, "steer.json"), "w") as f:
+            json.dump(res, f, indent=1, ensure_ascii=False)
+        print(f"wrote {args.out}/steer.json")
+    return 0
+
+
 def run(args) -> int:
     import xlkernels
     from xlkernels.analysis.plan import SteeringPlan
@@ -88,6 +146,8 @@ def run(args) -> int:
         raise ValueError("give at least one prompt (--prompt TEXT or positional)")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if getattr(args, "engine", "hf") == "vllm":
+        return run_vllm(args, prompts)
     progress = not args.no_progress
     model, tok, name = load_model_from_args(args, progress)
     steerer = xlkernels.patch(model)

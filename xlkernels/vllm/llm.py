@@ -228,8 +228,8 @@ def collect_stats(llm: LLM, corpus: dict, tokenizer=None, max_length: int = 256,
     got = stats.tokens[0]
     if not torch.equal(got, want) or not torch.equal(stats.tokens, want.expand_as(stats.tokens)):
         raise RuntimeError(f"xlkernels.vllm.collect_stats: the engine counted {stats.tokens[0].tolist()} tokens "
-                           f"per language, {want.tolist()} were sent (tokens skipped: read from the prefix cache, or the "
-                           "hooks not reached: plugin not loaded, V2 runner, an attention backend other than CPU_ATTN?)")
+                           f"per language, {want.tolist()} were sent (tokens skipped: read from the prefix cache, "
+                           "or the hooks not reached: plugin not loaded, V2 runner, attention backend not CPU_ATTN?)")
     return stats
 
 
