@@ -14,7 +14,10 @@ is held out for the matrix, the rest feed the statistics. Timing: torch.set_num_
 time per stage, pipelines interleaved (the order alternates per round), medians over --rounds. Checks: the
 selected neurons and the matrices of both pipelines are compared and stored with the times.
 
-python -m bench.bench_lape_job [--n 250] [--rounds 3] [--langs en,de,fr,es,ru] [--tag TAG]
+--with-old adds "old": the library before length batching (collect_stats bucket=False, language_nll on
+batch_size texts in corpus order with full logits), for the before/after ratio.
+
+python -m bench.bench_lape_job [--n 250] [--rounds 3] [--langs en,de,fr,es,ru] [--with-old] [--tag TAG]
 """
 import argparse
 import json
@@ -131,6 +134,55 @@ def run_xlk(model, tok, stats_corpus, eval_corpus, args, times):
     return stats.positive.permute(0, 2, 1).long(), sel, res
 
 
+# ---------------------------------------------------------------------------------------------- before
+def old_nll(model, tok, corpus, batch_size, max_length):
+    """language_nll as it was before length batching: batch_size texts in interleaved corpus order, right
+    padding, full (B, T, V) logits, cross-entropy row by row."""
+    from xlkernels.analysis.neurons import text_batches
+    K = len(corpus)
+    total = torch.zeros(K, dtype=torch.float64)
+    count = torch.zeros(K, dtype=torch.float64)
+    with torch.no_grad():
+        for ids, mask, groups in text_batches(tok, corpus, batch_size, max_length):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for b in range(ids.shape[0]):
+                nll = F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none").double()
+                g = groups[b, 1:]
+                total.index_add_(0, g.clamp_min(0), nll * (g >= 0))
+                count.index_add_(0, g.clamp_min(0), (g >= 0).double())
+    return total / count
+
+
+def run_old(model, tok, stats_corpus, eval_corpus, args, times):
+    """The library before this change (corpus-order padded batches, full logits) on the same data."""
+    import xlkernels
+    from xlkernels.analysis import neurons as N
+    from xlkernels.analysis.deactivation import _clear
+    t = time.process_time()
+    st = xlkernels.patch(model)
+    try:
+        stats = N.collect_stats(st, tok, stats_corpus, batch_size=args.batch_size, max_length=args.max_length,
+                                progress=False, bucket=False)
+        times["stats"].append(time.process_time() - t)
+        t = time.process_time()
+        sel = N.lape(N.activation_probs(stats))
+        times["select"].append(time.process_time() - t)
+        t = time.process_time()
+        _clear(st)
+        base = old_nll(model, tok, eval_corpus, args.batch_size, args.max_length)
+        rows = []
+        for per_l in sel.neurons:
+            _clear(st)
+            st.deactivate_neurons(N.as_layer_dict(per_l))
+            rows.append(old_nll(model, tok, eval_corpus, args.batch_size, args.max_length))
+        _clear(st)
+    finally:
+        xlkernels.unpatch(model)
+    times["matrix"].append(time.process_time() - t)
+    loss = torch.stack(rows)
+    return stats.positive.permute(0, 2, 1).long(), sel, {"base": base, "loss": loss, "delta": loss - base}
+
+
 # ---------------------------------------------------------------------------------------------- main
 def split(corpus, every):
     stats = {k: [t for i, t in enumerate(v) if i % every != every - 1] for k, v in corpus.items()}
@@ -151,8 +203,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="xlk batch_size (the CLI default)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--with-old", action="store_true", help="also time the library before length batching "
+                   "(corpus-order padded batches, full logits)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    args.commit_at_start = common._git("rev-parse", "HEAD")   # other sessions may commit during a long run
     from xlkernels.analysis.data import parallel_corpus
     from xlkernels.models import load_default
     model, tok = load_default(progress=False)
@@ -167,14 +222,15 @@ def main(argv=None) -> int:
                 "max_length": args.max_length, "xlk_batch_size": args.batch_size, "threads": 1,
                 "clock": "process CPU time (time.process_time)", "rounds": args.rounds}
     print(json.dumps(settings), flush=True)
-    times = {"naive": {s: [] for s in STAGES}, "xlk": {s: [] for s in STAGES}}
+    names = ("naive", "xlk") + (("old",) if args.with_old else ())
+    runners = {"naive": run_naive, "xlk": run_xlk, "old": run_old}
+    times = {name: {s: [] for s in STAGES} for name in names}
     uptimes = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     out = {}
     for r in range(args.rounds):
-        order = ("naive", "xlk") if r % 2 == 0 else ("xlk", "naive")
+        order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            fn = run_naive if name == "naive" else run_xlk
-            out[name] = fn(model, tok, stats_corpus, eval_corpus, args, times[name])
+            out[name] = runners[name](model, tok, stats_corpus, eval_corpus, args, times[name])
             tot = sum(times[name][s][-1] for s in STAGES)
             print(f"round {r} {name:<6} " + " ".join(f"{s} {times[name][s][-1]:8.1f} s" for s in STAGES)
                   + f"  total {tot:8.1f} s", flush=True)
@@ -205,16 +261,26 @@ def write(args, corpus, settings, uptimes, times, out, rounds):
     for name in med:
         med[name]["total"] = _med([sum(times[name][s][i] for s in STAGES) for i in range(rounds)])
     ratio = {s: med["naive"][s] / med["xlk"][s] if med["xlk"][s] else None for s in (*STAGES, "total")}
+    if "old" in med:
+        ratio_old = {s: med["naive"][s] / med["old"][s] if med["old"][s] else None for s in (*STAGES, "total")}
+        (_, sel_o, res_o) = out["old"]
+        checks["old_same_selected_neurons"] = all(torch.equal(a, b) for la, lb in zip(sel_o.neurons, sel_x.neurons)
+                                                  for a, b in zip(la, lb))
+        checks["old_matrix_loss_max_abs_diff"] = float((res_o["loss"] - res_x["loss"]).abs().max())
+    else:
+        ratio_old = None
     info = common.device_info(torch.device("cpu"))
     info["commit_full"] = common._git("rev-parse", "HEAD")
+    info["commit_at_start"] = args.commit_at_start
     result = {"meta": info, "settings": {**settings, "rounds_done": rounds}, "uptime": uptimes, "times_s": times,
-              "median_s": med, "speedup_naive_over_xlk": ratio, "target_total": 2.0, "checks": checks}
+              "median_s": med, "speedup_naive_over_xlk": ratio, "speedup_naive_over_old": ratio_old,
+              "target_total": 2.0, "checks": checks}
     slug = common.device_slug(info)
     name = f"lape_job-{slug}-{info['date'][:10]}" + (f"-{args.tag}" if args.tag else "") + ".json"
     path = os.path.join(common.RESULTS, name)
     with open(path, "w") as f:
         json.dump(common._clean(result), f, indent=1)
-    summary = {"median_s": med, "speedup": ratio,
+    summary = {"median_s": med, "speedup": ratio, "speedup_old": ratio_old,
                "checks": {k: v for k, v in checks.items() if not k.endswith("_xlk")}}
     return path, summary
 
