@@ -204,6 +204,11 @@ def test_split_and_pairs():
 SMALL = dict(n_fit=12, n_eval=6, n_lahis=6, seeds=2, n_train=6, n_mexa=12, max_length=20, mask_batch=3)
 
 
+def _tiny_pair():
+    from xlkernels.models import tiny_model
+    return tiny_model("llama", seed=3, num_hidden_layers=4)
+
+
 @pytest.fixture(scope="module")
 def tiny4():
     from xlkernels.models import tiny_model
@@ -276,6 +281,8 @@ def test_cli_tiny(tmp_path, capsys, monkeypatch):
     assert rc == 0, out
     assert "claims hold on this model" in out and "LAHIS" in out
     assert os.path.getsize(tmp_path / "report.md") > 0
+    rep = rp.run(*_tiny_pair(), level="quick", overrides=SMALL, steps=("soft_mask",), log=lambda *a: None)
+    assert rep["rows"][0]["holds"] is None and "heads step" in rep["rows"][0]["measured"]
     assert cli.main(["reproduce", "--tiny", "llama", "--skip", "bogus"]) == 1
     assert "--skip" in capsys.readouterr().err
 

@@ -160,9 +160,10 @@ def measure_soft_mask(steerer, tok, fit, ev, cfg, state, lang=None, seed=0):
     """Train the gates of `lang`'s top int(L*H*0.02) LAHIS heads on translation pairs from the fit texts
     (2 epochs, AdamW lr 1e-2) and compare the held-out answer loss (and, at level full, random heads)."""
     from .soft_mask import default_k, train_soft_mask
-    if not is_parallel(fit) or not is_parallel(ev):
-        return [claims.make_row("Soft head mask: a few trained head gates help", "", "undecided: needs a "
-                                "parallel corpus with en", None, {})]
+    why = ("needs a parallel corpus with en" if not is_parallel(fit) or not is_parallel(ev) else
+           "needs the LAHIS scores of the heads step" if "scores" not in state else None)
+    if why:
+        return [claims.make_row("Soft head mask: a few trained head gates help", "", f"undecided: {why}", None, {})]
     lang = lang or next(x for x in fit if x != "en")
     L, H = steerer.num_layers, steerer.num_heads
     k = default_k(L, H, HEAD_FRAC)
@@ -238,8 +239,6 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
             "mexa": lambda: measure_mexa(steerer, tokenizer, corpus, cfg, state),
             "steering": lambda: measure_steering(steerer, tokenizer, fit, ev, cfg, state, eval_fn)}
     for step in steps:
-        if step == "soft_mask" and "scores" not in state:
-            continue
         t0 = time.perf_counter()
         try:
             new = jobs[step]()
@@ -333,7 +332,7 @@ def print_summary(rows, file=None):
     print(f"{n} of {len(rows)} claims hold on this model", file=file or sys.stdout)
 
 
-def _matrix_plot(m, rows, cols, path, title, label):
+def _matrix_plot(m, rows, cols, path, title, label, ylabel):
     from .plots import _plt, _save
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.9 * len(rows) + 1.2), layout="constrained")
@@ -346,7 +345,7 @@ def _matrix_plot(m, rows, cols, path, title, label):
         for j in range(t.shape[1]):
             ax.text(j, i, f"{float(t[i, j]):+.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("evaluated language")
-    ax.set_ylabel("switched off")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8).set_label(label, fontsize=8)
     return _save(fig, path)
@@ -360,12 +359,14 @@ def _plots(report, out) -> list:
     if lape and "delta" in lape["details"]:
         d = lape["details"]
         made.append(_matrix_plot(d["delta"], d["langs"], d["langs"], os.path.join(out, "lape_deactivation.png"),
-                                 "LAPE: NLL increase when a language's neurons are off", "nats"))
+                                 "LAPE: NLL increase when a language's neurons are off", "nats",
+                                 "neurons switched off"))
     lahis = next((r for r in rows.values() if r["claim"].startswith("LAHIS") and "delta" in r["details"]), None)
     if lahis:
         d = lahis["details"]
         made.append(_matrix_plot(d["delta"], d["langs"], d["langs"], os.path.join(out, "lahis_masking.png"),
-                                 "LAHIS: loss increase when a language's specific heads are masked", "nats"))
+                                 "LAHIS: loss increase when a language's specific heads are masked", "nats",
+                                 "heads masked"))
     data = report.get("plots_data", {})
     if data.get("lape_counts"):
         made.append(neuron_counts(data["lape_counts"], os.path.join(out, "lape_layers.png"),
