@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8, help="xlk batch_size (the CLI default)")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--join", type=int, default=1, help="join k consecutive messages into one text (paragraphs)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     p.add_argument("--with-old", action="store_true", help="also time the library before length batching "
                    "(corpus-order padded batches, full logits)")
@@ -213,10 +214,11 @@ def main(argv=None) -> int:
     model, tok = load_default(progress=False)
     model.eval()
     corpus = parallel_corpus(args.langs.split(","), n=args.n)
+    corpus = {k: [" ".join(v[i:i + args.join]) for i in range(0, len(v), args.join)] for k, v in corpus.items()}
     stats_corpus, eval_corpus = split(corpus, args.eval_every)
     count = lambda c: sum(len(tok(t, truncation=True, max_length=args.max_length)["input_ids"])  # noqa: E731
                           for v in c.values() for t in v)
-    settings = {"model": "gemma-3-270m (fp32)", "langs": list(corpus), "n_per_lang": args.n,
+    settings = {"model": "gemma-3-270m (fp32)", "langs": list(corpus), "n_per_lang": args.n, "join": args.join,
                 "stats_texts": sum(map(len, stats_corpus.values())), "eval_texts": sum(map(len, eval_corpus.values())),
                 "stats_tokens": count(stats_corpus), "eval_tokens": count(eval_corpus), "eval_every": args.eval_every,
                 "max_length": args.max_length, "xlk_batch_size": args.batch_size, "threads": 1,
