@@ -248,7 +248,8 @@ def test_run_tiny_end_to_end(tiny4, tmp_path):
 
 def test_run_random_baseline_is_seeded(tiny4):
     model, tok = tiny4
-    kw = dict(level="quick", overrides=SMALL, steps=("heads",), log=lambda *a: None)
+    kw = dict(level="quick", overrides=dict(SMALL, n_fit=6, n_eval=3, n_lahis=3, max_length=12), steps=("heads",),
+              log=lambda *a: None)
     a = rp.run(model, tok, seed=1, **kw)["rows"][0]["details"]["random"]
     b = rp.run(model, tok, seed=1, **kw)["rows"][0]["details"]["random"]
     c = rp.run(model, tok, seed=2, **kw)["rows"][0]["details"]["random"]
@@ -325,7 +326,7 @@ def test_run_tiny_steering_from_eval_harness(tiny4, tmp_path):
     from xlkernels.analysis import evaluate as E
     model, tok = tiny4
     cfg = dict(SMALL, steer_prompts=2, steer_new_tokens=3, strengths={"shift": (4.0,), "itlc": (1.0,),
-               "incline": (0.3,), "forcing": (1.0, 2.0), "gate": (1.0,), "neurons": (None,)})
+               "incline": (0.3,), "forcing": (2.0,), "gate": (1.0,), "neurons": (None,)})
     rep = rp.run(model, tok, level="quick", steps=("steering",), overrides=cfg, out=str(tmp_path),
                  log=lambda *a: None)
     assert rep["errors"] == []
