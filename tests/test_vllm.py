@@ -105,16 +105,17 @@ def hf_stats(hf, corpus):
 
 # Two engines (HF vs vLLM, or vLLM compiled vs eager, or TP=2 vs 1) compute the gate activations with other GEMM
 # blockings, attention kernels and norm reductions, so an activation within rounding of zero can land on the other
-# side of it: act>0 counts may then differ by one, in at most FLIPS of all (L, K, I) entries (measured on this
-# corpus: 2-3 of 110,592 entries, HF vs vLLM eager/compiled). Token counts must be equal; sums agree to rounding.
-FLIPS = 1e-4
+# side of it: act>0 counts may then differ, by at most FLIP_RATE of all counted activations (tokens x layers x
+# neurons). Measured here: about 3e-7 (HF vs vLLM: 3 counts of ~250 tokens, 17 of 1,440 tokens, 18 x 2048 neurons).
+# Token counts must be equal; sums agree to rounding.
+FLIP_RATE = 2e-6
 
 
-def _assert_stats_match(a, b, flips=FLIPS):
+def _assert_stats_match(a, b):
     assert torch.equal(a.tokens, b.tokens), (a.tokens[0].tolist(), b.tokens[0].tolist())
-    d = (a.positive - b.positive).abs()
-    assert int(d.max()) <= 1 and int((d > 0).sum()) <= flips * d.numel(), \
-        f"{int((d > 0).sum())} of {d.numel()} counts differ, by up to {int(d.max())}"
+    flips = int((a.positive - b.positive).abs().sum())
+    counted = int(a.tokens.sum()) * a.positive.shape[-1]
+    assert flips <= FLIP_RATE * counted, f"{flips} act>0 counts differ of {counted} activations"
     torch.testing.assert_close(a.sum, b.sum, rtol=1e-4, atol=2e-3)
     torch.testing.assert_close(a.sum_sq, b.sum_sq, rtol=1e-4, atol=2e-3)
     torch.testing.assert_close(a.max, b.max, rtol=1e-4, atol=1e-4)
@@ -231,7 +232,7 @@ def test_compile_mode_equals_eager(llm, eager, corpus, hf):
 def test_tensor_parallel_2_equals_1(eager, corpus, hf, plans, monkeypatch):
     """TP=2 shards the neurons (gate_up columns) and heads; the row-parallel down projection sums partial
     products in another order, so activations within rounding of zero may flip sign: counts may differ by one in
-    at most FLIPS of all entries (see _assert_stats_match); generated tokens must be identical."""
+    at most FLIP_RATE of the counted activations (see _assert_stats_match); generated tokens must be identical."""
     from xlkernels.vllm import collect_stats
     a = collect_stats(eager, corpus, tokenizer=hf[2], max_length=64, progress=False)
     # vLLM binds each CPU worker to a NUMA node by default; this machine has one, so bind by core.

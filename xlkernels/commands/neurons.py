@@ -154,7 +154,7 @@ def run_vllm(args, progress):
     except ImportError as e:   # no vLLM in this environment: the CLI's one-line error, not a traceback
         raise RuntimeError(str(e)) from None
     path = os.path.expanduser(args.model) if args.model else None
-    llm = LLM(path, dtype=args.dtype, max_model_len=max(args.max_length, 64) + 8)
+    llm = LLM(path, dtype=args.dtype, max_model_len=max(args.max_length, 64) + 8, kv_cache_memory_bytes=1 << 30)
     tok = AutoTokenizer.from_pretrained(llm.llm_engine.vllm_config.model_config.tokenizer, local_files_only=True)
     name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
     corpus = load_corpus(args, args.n)

@@ -109,6 +109,7 @@ def run_vllm(args, prompts) -> int:
     elif args.target_lang:
         print("note: the plan has no shift bank; --target-lang is ignored", file=sys.stderr)
     llm = LLM(os.path.expanduser(args.model) if args.model else None, dtype=args.dtype, max_model_len=1024,
+              kv_cache_memory_bytes=1 << 30,   # vLLM-CPU would otherwise reserve 92% of the RAM
               enable_prefix_caching=True)
     llm.register_plan("plan", plan, alpha=args.alpha)
     name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_NAME
