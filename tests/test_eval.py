@@ -236,3 +236,20 @@ def test_cli_eval_bad_arguments(capsys):
     assert "--fit" in capsys.readouterr().err
     assert cli.main(["eval", "--tiny", "llama", "--fit", "claim", "--strengths", "claim=a,b"]) == 1
     assert "--strengths" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_eval_real_model_lape_forcing_switches_language():
+    """Embedded Gemma-3-270M: the unsteered model continues English prompts in English; LAPE forcing
+    (English neurons off, German neurons set) moves a clear share of the generations into German."""
+    from xlkernels.analysis.data import parallel_corpus
+    from xlkernels.models.default import load_default
+    model, tok = load_default(progress=False)
+    c = parallel_corpus(["en", "de", "fr"])
+    fit = {x: t[:32] for x, t in c.items()}
+    plans = ev.fit_plans(model, tok, fit, "en", "de", methods=("lape",), max_length=32)
+    res = ev.evaluate(model, tok, plans, c["en"][32:40], source="en", target="de", strengths=[2.0],
+                      max_new_tokens=12, batch_size=8)
+    base, lape = res["rows"]
+    assert base["target_rate"] <= 0.125 and lape["target_rate"] >= base["target_rate"] + 0.25, res["rows"]
+    assert lape["nll"] > base["nll"] and all(math.isfinite(r["tokens_per_s"]) for r in res["rows"])
