@@ -66,7 +66,8 @@ def lape_deactivation(delta, langs=None, factor: float = LAPE_FACTOR) -> dict:
     ratio = dm / om if om > 0 else math.inf
     per = {x: {"own": float(a), "others": float(b)} for x, a, b in zip(langs, d, off)}
     rows_ok = sum(float(a) > factor * max(float(b), 0.0) and float(a) > 0 for a, b in zip(d, off))
-    measured = (f"own {dm:+.3f} vs others {om:+.3f} nats (x{ratio:.1f}); own >= {factor:g}x others for "
+    times = f"x{ratio:.1f}" if math.isfinite(ratio) else "others not raised"
+    measured = (f"own {dm:+.3f} vs others {om:+.3f} nats ({times}); own >= {factor:g}x others for "
                 f"{rows_ok}/{len(langs)} languages")
     return make_row("LAPE: language neurons are language-specific",
                     "deactivating language X's neurons raises X's NLL far more than the other languages' "
