@@ -92,6 +92,52 @@ def test_sequence_nll_vs_batch_of_one(arch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} {bs} {mt} {chunk}")
 
 
+
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 3.0)])
+def test_blocked_nll_odd_blocks_target_in_last_partial_block(bias, softcap):
+    g = torch.Generator().manual_seed(SEED)
+    V, E, n = 1013, 37, 29
+    head = torch.nn.Linear(E, V, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, E, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g))
+    h = torch.randn(n, E, generator=g) * 4   # logits of tens: the max must be subtracted
+    for block in (1, 7, 100, 1012, 1013, 5000):
+        last = V - (V % block or block)   # first id of the last (partial) block
+        tgt = torch.randint(0, V, (n,), generator=g)
+        tgt[::2] = torch.randint(last, V, (len(tgt[::2]),), generator=g)
+        tgt[1] = V - 1
+        with torch.no_grad():
+            want = F.cross_entropy(_capped(head(h).double(), softcap), tgt, reduction="none")   # float64 reference
+            got = heads._blocked_nll(head, softcap, h, tgt, block)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} block {block}")
+    with pytest.raises(ValueError, match="target"):
+        heads._blocked_nll(head, softcap, h, torch.full((n,), V), 7)
+
+
+def _capped(logits, softcap):
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])   # gemma2: final logit softcapping
+def test_sequence_nll_blocked_over_a_small_vocabulary_block(arch, monkeypatch):
+    from xlkernels.models import tiny_model
+    model, _ = tiny_model(arch, seed=7)
+    V = model.get_output_embeddings().weight.shape[0]
+    block = 41 if V % 41 else 43
+    monkeypatch.setattr(heads, "VOCAB_BLOCK", block)
+    rng = _rng(3)
+    seqs = [[rng.randrange(V - V % block, V) if k % 2 else rng.randrange(4, V) for k in range(rng.randrange(2, 25))]
+            for _ in range(11)]
+    want, wcount = _ref_sums(model, seqs)
+    for chunk in (None, 5):
+        got, count = heads.sequence_nll(model, seqs, chunk_tokens=chunk)
+        assert torch.equal(count, wcount)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} {chunk}")
+
+
 def test_sequence_nll_through_a_patched_model_and_a_steerer():
     import xlkernels
     from xlkernels.models import tiny_model

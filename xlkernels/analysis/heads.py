@@ -125,6 +125,42 @@ def _chunk_nll(head, softcap, h, target):
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
+VOCAB_BLOCK = 2048   # LM-head rows per block of the no-grad NLL (512 x 2048 fp32 logits = 4 MB stay in cache)
+NOGRAD_CHUNK_TOKENS = 512   # tokens per no-grad chunk: measured best with VOCAB_BLOCK on one core (bench/NOTES.md)
+
+
+def _blocked_nll(head, softcap, h, target, block: int | None = None):
+    """No-grad NLL (n,) float32 as _chunk_nll, blocked over the vocabulary: `block` lm_head rows at a time,
+    softcap per block, online logsumexp (running max in float32, sum of exp(z - max) in float64) and the
+    target logit taken from the block that holds it. Never holds more than (n, block) logits."""
+    block = block or VOCAB_BLOCK
+    w, b = head.weight, getattr(head, "bias", None)
+    V, n = w.shape[0], h.shape[0]
+    if n and (int(target.min()) < 0 or int(target.max()) >= V):
+        raise ValueError(f"target ids must be in [0, {V}), got [{int(target.min())}, {int(target.max())}]")
+    m = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+    s = torch.zeros(n, dtype=torch.float64, device=h.device)
+    tl = torch.zeros(n, dtype=torch.float32, device=h.device)
+    buf = torch.empty(n, min(block, V), dtype=h.dtype, device=h.device)
+    for v0 in range(0, V, block):
+        wb = w[v0:v0 + block]
+        z = buf[:, :wb.shape[0]]
+        if b is None:
+            torch.mm(h, wb.T, out=z)
+        else:
+            torch.addmm(b[v0:v0 + block], h, wb.T, out=z)
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+        z = z.float()
+        inb = (target >= v0) & (target < v0 + wb.shape[0])
+        got = z.gather(1, (target - v0).clamp(0, wb.shape[0] - 1)[:, None])[:, 0]
+        tl = torch.where(inb, got, tl)
+        new_m = torch.maximum(m, z.amax(1))
+        s = s * torch.exp(m - new_m).double() + z.sub_(new_m[:, None]).exp_().sum(1, dtype=torch.float64)
+        m = new_m
+    return (m.double() + s.log()).float() - tl
+
+
 def chunk_tokens_for(vocab_size: int) -> int:
     """Tokens per lm_head chunk: about 2**24 logits (64 MB fp32), between 16 and 1024 tokens."""
     return max(16, min(1024, (1 << 24) // max(1, int(vocab_size))))
@@ -137,7 +173,8 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
     when labels[t+1] != -100. The full (B,T,V) logits are never built: the base model gives the last
     hidden states, and lm_head (+ final logit softcapping) + log-softmax run on the counted positions in
     chunks of `chunk_tokens` (default: chunk_tokens_for(V)), each under activation checkpointing when
-    grad is needed, so the backward recomputes one chunk's logits at a time."""
+    grad is needed, so the backward recomputes one chunk's logits at a time. Without grad each chunk
+    (default NOGRAD_CHUNK_TOKENS) is also blocked over the vocabulary (`_blocked_nll`)."""
     target = (input_ids if labels is None else labels)[:, 1:]
     if labels is None:
         valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
@@ -151,12 +188,15 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
     base, head, softcap = parts
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     h, tgt = hidden[valid], target[valid]
-    n = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
     ckpt = torch.is_grad_enabled() and h.requires_grad
+    blocked = not ckpt and isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2
+    n = chunk_tokens or (NOGRAD_CHUNK_TOKENS if blocked else chunk_tokens_for(head.weight.shape[0]))
     pieces = []
     for i in range(0, h.shape[0], n):
         if ckpt:
             pieces.append(checkpoint(_chunk_nll, head, softcap, h[i:i + n], tgt[i:i + n], use_reentrant=False))
+        elif blocked:
+            pieces.append(_blocked_nll(head, softcap, h[i:i + n], tgt[i:i + n]))
         else:
             pieces.append(_chunk_nll(head, softcap, h[i:i + n], tgt[i:i + n]))
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
@@ -166,7 +206,6 @@ def token_nll(model, input_ids, attention_mask, labels=None, chunk_tokens: int |
 
 CPU_MAX_TOKENS = 512   # padded tokens per batch on a CPU: past this, bigger batches ran slower (bench/NOTES.md)
 GPU_MAX_TOKENS = 16384   # elsewhere, when neither max_tokens nor batch_size x max_length is given
-NOGRAD_CHUNK_LOGITS = 1 << 26   # logits per lm_head chunk without grad (256 MB fp32): fewer, larger GEMMs
 
 
 def token_budget(batch_size: int | None, max_length: int | None, max_tokens: int | None, device) -> int | None:
@@ -190,13 +229,11 @@ def sequence_nll(model, seqs, pad_id: int = 0, batch_size: int | None = None, ma
     Sequences are batched by length (`length_buckets`: at most `batch_size` sequences and `max_tokens` padded
     tokens per batch; max_tokens None = CPU_MAX_TOKENS on a CPU, GPU_MAX_TOKENS elsewhere) and right-padded, and
     `token_nll` runs the LM head on the predicted positions only (no full logits, no logits of the last
-    position, no KV cache) in chunks of `chunk_tokens` (default: about NOGRAD_CHUNK_LOGITS logits).
+    position, no KV cache) in chunks of `chunk_tokens` tokens (default NOGRAD_CHUNK_TOKENS), each blocked
+    over the vocabulary (VOCAB_BLOCK lm_head rows at a time).
     `model`: an HF causal LM or a Steerer."""
     model = model.model if hasattr(model, "record_neurons") else model
     dev = model.get_input_embeddings().weight.device
-    if chunk_tokens is None:
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
-        chunk_tokens = max(16, min(4096, NOGRAD_CHUNK_LOGITS // vocab))
     n = len(seqs)
     sums = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.long)
