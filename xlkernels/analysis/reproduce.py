@@ -28,6 +28,9 @@ LEVELS = {
     "default": dict(langs=("en", "de", "fr", "es", "zh_Hans"), n_fit=96, n_eval=32, n_lahis=24, seeds=5,
                     n_train=48, n_mexa=100, max_length=48, mask_batch=1, steer_prompts=16, steer_new_tokens=24,
                     strengths=None),
+    # `make demo`'s step 4 (the demo's own corpus; steering is left to the demo's step 3 and `xlkernels eval`)
+    "demo": dict(langs=("en", "de", "fr"), n_fit=32, n_eval=8, n_lahis=8, seeds=2, n_train=12, n_mexa=32,
+                 max_length=32, mask_batch=4, steer_prompts=4, steer_new_tokens=8, strengths="quick"),
     "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja", "ar"), n_fit=160, n_eval=64, n_lahis=64,
                  seeds=10, n_train=100, n_mexa=100, max_length=64, mask_batch=1, steer_prompts=32,
                  steer_new_tokens=32, strengths=None),

@@ -36,6 +36,7 @@ def add_arguments(p):
     p.add_argument("--alpha", type=float, default=None, help="shift-bank strength for --shift (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per prompt (default 16)")
     p.add_argument("--out", default="xlk_demo", help="output directory (default ./xlk_demo)")
+    p.add_argument("--no-claims", action="store_true", help="skip step 4 (the papers' claims, `xlkernels reproduce`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -187,6 +188,22 @@ def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, 
     return rows
 
 
+def step_claims(steerer, tok, corpus, out, quick, summary):
+    """A small `xlkernels reproduce` on the demo's corpus: one row per claim (steering: step 3 and `xlkernels eval`)."""
+    from xlkernels.analysis import reproduce
+    small = {"n_fit": 16, "n_eval": 8, "n_lahis": 4, "n_train": 8, "n_mexa": 16} if quick else {}
+    rep = reproduce.run(steerer, tok, corpus=corpus, level="demo", overrides=small, out=os.path.join(out, "claims"),
+                        steps=("neurons", "heads", "soft_mask", "mexa"), log=lambda *a, **k: None)
+    steerer.reset()
+    reproduce.print_summary(rep["rows"])
+    print(f"report: {os.path.join(out, 'claims', 'report.md')}; the full run with the steering rows: "
+          "`xlkernels reproduce`")
+    summary["claims"] = [{k: r.get(k) for k in ("claim", "measured", "holds")} for r in rep["rows"]]
+    if rep.get("errors"):
+        raise RuntimeError(f"{len(rep['errors'])} claim(s) failed to compute: {rep['errors']}")
+    return rep
+
+
 def run(args) -> int:
     import xlkernels
     from xlkernels.analysis.data import parallel_corpus
@@ -218,6 +235,9 @@ def run(args) -> int:
     rep.step(f"3. steering English prompts toward {args.target}", step_steer, steerer, tok, corpus, prompts,
              args.target, alpha, max_new, progress, neurons[:2] if neurons else None, summary, args.shift)
     steerer.reset()
+    if not args.no_claims:
+        rep.step("4. do the papers' claims hold on this model? (xlkernels reproduce)", step_claims, steerer, tok,
+                 corpus, args.out, args.quick, summary)
     total = time.perf_counter() - rep.t0
     summary["seconds"] = round(total, 1)
     summary["failed"] = [f"{t}: {e}" for t, e in rep.failed]
