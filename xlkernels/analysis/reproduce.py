@@ -66,21 +66,9 @@ def qa_pairs(corpus: dict, lang: str, pivot: str = "en"):
 
 @torch.no_grad()
 def answer_loss(steerer, tok, pairs, gate, batch_size=8, max_length=128) -> float:
-    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (restored after)."""
-    from .heads import token_nll
-    from .soft_mask import qa_batch
-    dev = next(steerer.model.parameters()).device
-    old, total, count = steerer.gate, 0.0, 0
-    steerer.gate = _ones(steerer) if gate is None else gate.to(dev, torch.float32)
-    try:
-        for s in range(0, len(pairs), batch_size):
-            ids, mask, labels = qa_batch(tok, pairs[s:s + batch_size], max_length, device=dev)
-            nll, valid = token_nll(steerer.model, ids, mask, labels)
-            total += float(nll[valid].double().sum())
-            count += int(valid.sum())
-    finally:
-        steerer.gate = old
-    return total / max(count, 1)
+    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (None: no mask)."""
+    from .soft_mask import pairs_loss
+    return pairs_loss(steerer, tok, pairs, gate, batch_size, max_length)
 
 
 def _ones(steerer):

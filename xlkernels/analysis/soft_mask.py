@@ -60,6 +60,23 @@ def answer_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return nll.sum() / valid.sum().clamp_min(1)
 
 
+@torch.no_grad()
+def pairs_loss(steerer, tokenizer, pairs, gate=None, batch_size: int = 8, max_length: int = 128) -> float:
+    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (None: all ones; restored after)."""
+    dev = next(steerer.model.parameters()).device
+    old, total, count = steerer.gate, 0.0, 0
+    steerer.gate = (torch.ones(steerer.num_layers, steerer.num_heads) if gate is None else gate).to(dev, torch.float32)
+    try:
+        for s in range(0, len(pairs), batch_size):
+            ids, mask, labels = qa_batch(tokenizer, pairs[s:s + batch_size], max_length, device=dev)
+            nll, valid = token_nll(steerer.model, ids, mask, labels)
+            total += float(nll[valid].double().sum())
+            count += int(valid.sum())
+    finally:
+        steerer.gate = old
+    return total / max(count, 1)
+
+
 def scatter_gate(values: torch.Tensor, heads, num_layers: int, num_heads: int) -> torch.Tensor:
     """Full (L,H) gate: ones, with values at the flat ids `heads` (differentiable in values)."""
     idx = torch.as_tensor(list(heads), dtype=torch.long, device=values.device)

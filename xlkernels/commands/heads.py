@@ -99,23 +99,9 @@ def read_pairs(path):
     return pairs
 
 
-@torch.no_grad()
 def pairs_loss(steerer, tok, pairs, gate, batch_size, max_length):
-    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (restored after)."""
-    from xlkernels.analysis.heads import token_nll
-    from xlkernels.analysis.soft_mask import qa_batch
-    dev = next(steerer.model.parameters()).device
-    old, total, count = steerer.gate, 0.0, 0
-    steerer.gate = gate.to(dev, torch.float32)
-    try:
-        for s in range(0, len(pairs), batch_size):
-            ids, mask, labels = qa_batch(tok, pairs[s:s + batch_size], max_length, device=dev)
-            nll, valid = token_nll(steerer.model, ids, mask, labels)
-            total += float(nll[valid].double().sum())
-            count += int(valid.sum())
-    finally:
-        steerer.gate = old
-    return total / max(count, 1)
+    from xlkernels.analysis.soft_mask import pairs_loss as loss
+    return loss(steerer, tok, pairs, gate, batch_size, max_length)
 
 
 def _load_scores(path):
