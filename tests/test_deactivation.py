@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.bench_lape_job import old_nll
 from xlkernels.analysis import deactivation as D
 
 CORPUS = {
@@ -77,24 +78,6 @@ def test_deactivation_bad_input():
         D.deactivation_matrix(model, tok, CORPUS, [x[:1] for x in _sets(2, 128, 3)], progress=False)
 
 
-def _old_language_nll(model, tok, corpus, batch_size, max_length):
-    """language_nll before length batching (kept here as a reference): batch_size texts per batch in
-    interleaved corpus order, right padding, full (B, T, V) logits, float64 sums of float32 token NLLs."""
-    from xlkernels.analysis.neurons import text_batches
-    K = len(corpus)
-    total = torch.zeros(K, dtype=torch.float64)
-    count = torch.zeros(K, dtype=torch.float64)
-    with torch.no_grad():
-        for ids, mask, groups in text_batches(tok, corpus, batch_size, max_length):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            for b in range(ids.shape[0]):
-                nll = F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none").double()
-                g = groups[b, 1:]
-                total.index_add_(0, g.clamp_min(0), nll * (g >= 0))
-                count.index_add_(0, g.clamp_min(0), (g >= 0).double())
-    return total / count
-
-
 @pytest.mark.parametrize("arch", ["gemma2", "qwen2"])
 def test_language_nll_old_vs_new(arch):
     """The old padded full-logits implementation and the new one agree within fp32 rounding, with and without
@@ -108,7 +91,7 @@ def test_language_nll_old_vs_new(arch):
             D._clear(st)
             if sets is not None:
                 st.deactivate_neurons({l: idx for l, idx in enumerate(sets)})
-            old = _old_language_nll(model, tok, CORPUS, 2, 20)
+            old = old_nll(model, tok, CORPUS, 2, 20)   # the pre-bucketing implementation, kept in the bench
             for bs in (1, 2, 5):
                 new = D.language_nll(st, tok, CORPUS, bs, 20)
                 torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
