@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = GPUTarget("cuda", 90, 32)
@@ -59,8 +60,9 @@ class _Launch:
 
 
 def _modules():
-    from xlkernels.triton import attention, attention_bwd, attention_decode, glu, head_steer, neuron_stats
-    mods = (attention, attention_bwd, attention_decode, glu, head_steer, neuron_stats)
+    from xlkernels.triton import (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer,
+                                  neuron_stats)
+    mods = (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer, neuron_stats)
     if attention.INTERP or not isinstance(attention._fwd_kernel, JITFunction):
         raise RuntimeError("xlkernels.triton was imported under TRITON_INTERPRET=1; run this in a process "
                            "without it (python -m bench.static_report)")
@@ -92,6 +94,15 @@ def _recording(calls, tag):
             setattr(m, name, obj)
 
 
+@contextlib.contextmanager
+def _tma_mode(mod, mode):
+    saved, mod.MODE = mod.MODE, mode
+    try:
+        yield
+    finally:
+        mod.MODE = saved
+
+
 def _hf(B, H, T, D, dtype):
     """(B, H, T, D) view of (B, T, H, D) memory, as q/k/v come out of HF projections."""
     return torch.empty(B, T, H, D, dtype=dtype, device=META).transpose(1, 2)
@@ -109,8 +120,10 @@ def _attention_calls(D, dtype, variant, decode, calls):
     kpm = torch.empty(B, S, dtype=torch.bool, device=META) if full else None
     window, softcap = (512, 50.0) if full else (0, 0.0)
     fwd = (q, k, v, gate, shift, kpm, True, D ** -0.5, window, softcap)
-    with _recording(calls, "decode" if decode else "fwd"):
-        out, o_raw, lse = attention.forward(*fwd, False, full)
+    from xlkernels.triton import attention_tma
+    for mode in ("0",) if decode else ("1", "0"):  # prefill: the TMA (Hopper) and the pointer forward
+        with _recording(calls, "decode" if decode else "fwd"), _tma_mode(attention_tma, mode):
+            out, o_raw, lse = attention.forward(*fwd, False, full)
     if decode:
         return
     do = torch.empty_like(out)
@@ -149,6 +162,8 @@ def _mlp_calls(dtype, variant, calls):
 
 
 def _mock(a):
+    if isinstance(a, TensorDescriptor):  # a copy: configs set their own block shapes on the shared one
+        return TensorDescriptor(MockTensor(a.base.dtype), a.shape, a.strides, list(a.block_shape))
     return MockTensor(a.dtype) if isinstance(a, torch.Tensor) else a
 
 
@@ -167,7 +182,7 @@ def _specialise(jit, args, kw):
     return signature, constexprs, attrs, options
 
 
-_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_I", "BLOCK_T", "BLOCK_D", "PACK")
+_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_I", "BLOCK_T", "BLOCK_D", "PACK", "WS")
 
 
 def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS):
@@ -190,6 +205,8 @@ def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS):
                     k = dict(kw)
                     if cfg is not None:
                         k.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        if cfg.pre_hook:  # TMA: the descriptors' boxes follow the config
+                            cfg.pre_hook({**dict(zip(jit.arg_names, args)), **k})
                     sig, const, attrs, options = _specialise(jit, args, k)
                     blocks = {n: k[n] for n in _BLOCK_KEYS if n in k}
                     out.append(dict(kernel=f"{jit.__module__.rsplit('.', 1)[-1]}.{jit.__name__}", op=tag,
@@ -263,9 +280,11 @@ def compile_one(job):
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
     loads = "tma" if "cp.async.bulk.tensor" in ptx else "cp.async" if "cp.async" in ptx else "-"
     loop_st, loop_ld = loop_spills(k.asm["cubin"])
+    threads = re.search(r"\.reqntid (\d+)", ptx)
     return dict(regs=int(regs.group(1)), stack=int(m.group(1)), spill_stores=int(m.group(2)),
                 spill_loads=int(m.group(3)), loop_spill_stores=loop_st, loop_spill_loads=loop_ld,
-                smem=int(k.metadata.shared), mma=mma, async_loads=loads, compile_s=round(secs, 2))
+                smem=int(k.metadata.shared), mma=mma, async_loads=loads, compile_s=round(secs, 2),
+                warp_spec="ttg.warp_specialize" in k.asm["ttgir"], threads=int(threads.group(1)) if threads else None)
 
 
 def _cache_path():
@@ -333,10 +352,12 @@ def ident(r):
 
 
 def problems(rows, allowed=None, record=None):
-    """Failures: spill stores inside a loop beyond allowed ({ident: bytes}), shared memory over 227 KB, wgmma
-    lost where the record (rows of a previous run) had it. Spills outside loops are reported, not failed."""
+    """Failures: spill stores inside a loop beyond allowed ({ident: bytes}), shared memory over 227 KB, wgmma or
+    TMA lost where the record (rows of a previous run) had it, a config asking for warp specialisation (WS) that
+    the compiler did not apply. Spills outside loops are reported, not failed."""
     allowed = allowed or {}
     had_wgmma = {ident(r) for r in record or () if r.get("mma") == "wgmma"}
+    had_tma = {ident(r) for r in record or () if r.get("async_loads") == "tma"}
     out = []
     for r in rows:
         i = ident(r)
@@ -347,6 +368,10 @@ def problems(rows, allowed=None, record=None):
             out.append(f"{i}: {r['smem']} B shared memory > {SMEM_LIMIT}")
         if i in had_wgmma and r["mma"] != "wgmma":
             out.append(f"{i}: {r['mma']} where the record had wgmma")
+        if i in had_tma and r["async_loads"] != "tma":
+            out.append(f"{i}: {r['async_loads']} loads where the record had TMA")
+        if r["blocks"].get("WS") and not r.get("warp_spec"):
+            out.append(f"{i}: warp specialisation requested, not applied by the compiler")
     return out
 
 
@@ -367,7 +392,8 @@ def meta(seconds, compiled):
 
 
 def _cfg(r):
-    b = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["blocks"].items() if k != "BLOCK_D")
+    b = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["blocks"].items() if k not in ("BLOCK_D", "WS"))
+    b += " WS" if r["blocks"].get("WS") else ""
     return f"{b} w{r['warps']} s{r['stages']}"
 
 
@@ -398,6 +424,10 @@ def markdown(m, rows):
         f"- largest shared memory: {big['smem'] / 1024:.1f} KB (`{ident(big)}`; limit {SMEM_LIMIT // 1024} KB); "
         f"{sum(1 for r in rows if r['smem'] > 192 * 1024)} kernels above 192 KB.",
         f"- MMA: {n_wg} kernels use wgmma, {len(mma) - n_wg} mma.sync:" + "".join(f"\n  - {x}" for x in sync),
+        f"- loads: {sum(1 for r in rows if r['async_loads'] == 'tma')} kernels through TMA descriptors, "
+        f"{sum(1 for r in rows if r['async_loads'] == 'cp.async')} cp.async; "
+        f"{sum(1 for r in rows if r.get('warp_spec'))} warp-specialised ("
+        + ", ".join(sorted({f"{r['threads']} threads" for r in rows if r.get('warp_spec')})) + ").",
         "",
         "| kernel | variant | D | dtype | blocks | warps | stages | regs | spill st/ld (in loops) B | smem KB | MMA | "
         "loads |",
@@ -411,7 +441,7 @@ def markdown(m, rows):
             sp = f"**{sp}**" if r["loop_spill_stores"] else sp
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['D'] or '-'} | {r['dtype']} | {b} | {r['warps']} | "
                      f"{r['stages']} | {r['regs']} | {sp} | {r['smem'] / 1024:.1f} | {r['mma']} | "
-                     f"{r['async_loads']} |")
+                     f"{r['async_loads']}{' + warp-specialised' if r.get('warp_spec') else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,11 @@ def _dispatch_lines(device) -> list:
     for label, kw in SHAPES:
         pick = forced or dispatch.choose(dispatch.Facts(capability=cap, **kw))
         lines.append(f"    {label:<30} {pick}")
+    from xlkernels.triton import attention_tma as tma
+    where = {"0": "off", "1": "wherever the layout allows"}.get(tma.MODE, "on capability >= 9")
+    lines.append(f"  triton forward loads: TMA descriptors {where} (XLKERNELS_TMA={tma.MODE}; "
+                 f"{'available' if tma.TensorDescriptor is not None else 'not in this triton'}), "
+                 f"warp specialisation {'available' if tma.HAS_WS else 'not in this triton'}")
     return lines
 
 

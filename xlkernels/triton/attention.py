@@ -344,6 +344,11 @@ def forward(q, k, v, gate, shift, kpm, causal, scale, window, softcap, skip_zero
         from .attention_decode import decode
         decode(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, consts, scal, skip, save_raw)
         return out, o_raw, lse
+    from . import attention_tma
+    if attention_tma.usable(q, k, v):
+        attention_tma.forward(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, consts, scal, skip,
+                              save_raw, shift is not None)
+        return out, o_raw, lse
     args = (q, k, v, out, o_r, lse, g, sh, kp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
