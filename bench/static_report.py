@@ -9,6 +9,7 @@ specialised as the JIT would (16-byte aligned pointers, tt.divisibility=16 on in
 to 1 as constexprs), compiled with triton.compile for GPUTarget("cuda", 90, 32), and read back: registers and
 spill bytes from ptxas -v, shared memory from the metadata, wgmma vs mma.sync and cp.async from the PTX.
 Results are cached by triton version + kernel source hash (JITFunction.cache_key) + specialisation.
+Variant `<variant>+atomic-dq`: the backward's dK/dV kernel on the opt-in atomic-dQ path (XLKERNELS_DETERMINISTIC=0).
 """
 import argparse
 import contextlib
@@ -185,8 +186,10 @@ def _specialise(jit, args, kw):
 _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_I", "BLOCK_T", "BLOCK_D", "PACK", "WS")
 
 
-def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS):
-    """Every (kernel, variant, D, dtype, config) the code ships, as compile jobs."""
+def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS, atomic_dq=True):
+    """Every (kernel, variant, D, dtype, config) the code ships, as compile jobs. atomic_dq: also the dK/dV kernel
+    of the opt-in atomic-dQ backward (XLKERNELS_DETERMINISTIC=0), as variant `<variant>+atomic-dq`."""
+    from xlkernels.triton import attention_bwd
     out = []
     for dtype in dtypes:
         dt = str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp", "bf")
@@ -196,11 +199,21 @@ def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS):
                 calls = []
                 _attention_calls(D, dtype, variant, False, calls)
                 _attention_calls(D, dtype, variant, True, calls)
-                recs += [(D, c) for c in calls]
+                recs += [(D, variant, c) for c in calls]
+                if atomic_dq:
+                    calls, det = [], attention_bwd.DETERMINISTIC
+                    attention_bwd.DETERMINISTIC = False
+                    try:
+                        _attention_calls(D, dtype, variant, False, calls)
+                    finally:
+                        attention_bwd.DETERMINISTIC = det
+                    calls = [c for c in calls if c[0] == "bwd" and c[1].__name__ == "_bwd_dkdv_kernel"]
+                    assert calls and all(c[4]["ATOMIC_DQ"] for c in calls), "atomic dQ path not taken"
+                    recs += [(D, variant + "+atomic-dq", c) for c in calls]
             calls = []
             _mlp_calls(dtype, variant, calls)
-            recs += [(None, c) for c in calls]
-            for D, (tag, jit, configs, args, kw) in recs:
+            recs += [(None, variant, c) for c in calls]
+            for D, var, (tag, jit, configs, args, kw) in recs:
                 for cfg in configs or [None]:
                     k = dict(kw)
                     if cfg is not None:
@@ -210,7 +223,7 @@ def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS):
                     sig, const, attrs, options = _specialise(jit, args, k)
                     blocks = {n: k[n] for n in _BLOCK_KEYS if n in k}
                     out.append(dict(kernel=f"{jit.__module__.rsplit('.', 1)[-1]}.{jit.__name__}", op=tag,
-                                    variant=variant, D=D, dtype=dt, blocks=blocks, warps=options.num_warps,
+                                    variant=var, D=D, dtype=dt, blocks=blocks, warps=options.num_warps,
                                     stages=options.num_stages, autotuned=cfg is not None,
                                     _job=(jit, sig, const, attrs, options)))
     return out
@@ -454,18 +467,15 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write only this JSON file (no Markdown)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--atomic-dq", action="store_true",
-                   help="only the backward, with the non-deterministic atomic-dQ path (XLKERNELS_DETERMINISTIC=0); "
-                        "its rows are labelled variant+atomic-dq")
+                   help="only the dK/dV rows of the non-deterministic atomic-dQ backward (XLKERNELS_DETERMINISTIC=0), "
+                        "variant `<variant>+atomic-dq` (the default run records them too)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the real launch paths (kernels are imported after this)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
     t0 = time.perf_counter()
-    if args.atomic_dq:
-        from xlkernels.triton import attention_bwd
-        attention_bwd.DETERMINISTIC = False
     rows = jobs(**SUBSET) if args.subset else jobs()
     if args.atomic_dq:
-        rows = [dict(r, variant=r["variant"] + "+atomic-dq") for r in rows if r["op"] == "bwd"]
+        rows = [r for r in rows if r["variant"].endswith("+atomic-dq")]
     rows, compiled = run(rows, use_cache=not args.no_cache, workers=args.jobs)
     m = meta(time.perf_counter() - t0, compiled)
     doc = {"meta": m, "rows": rows}

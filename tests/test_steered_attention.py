@@ -406,15 +406,40 @@ def test_gpu_tile_configs(case, config, monkeypatch):
     check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
 
 
-ATOMIC_GPU = [(GPU_CASES[0], 0), (GPU_CASES[1], 3)]  # D 64 M32 N128; D 128 M32 N128 w8 s2
+ATOMIC_GPU = [(c, i) for c in GPU_CASES for i in range(len(tri_bwd.DKDV_ATOMIC_CONFIGS[tri._dbucket(c[5])]))]
+
+
+class _Tiles:
+    """Wraps a kernel; records (BLOCK_M, BLOCK_N, num_warps, num_stages) of each launch."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.seen.append((kw["BLOCK_M"], kw["BLOCK_N"], kw.get("num_warps"), kw.get("num_stages")))
+            return self.kernel[grid](*args, **kw)
+        return launch
 
 
 @pytest.mark.parametrize("case,config", ATOMIC_GPU, ids=[f"{_id(c)}-config{i}" for c, i in ATOMIC_GPU])
 def test_atomic_dq_gpu_tile_configs(case, config, monkeypatch, atomic_dq):
-    """The atomic-dQ path in shipped dK/dV configs (query blocks of 32 against key blocks of 128)."""
+    """Every config of the atomic-dQ dK/dV table (DKDV_ATOMIC_CONFIGS) in its GPU tiles, and only that table."""
     monkeypatch.setattr(grids, "GPU", {"config": config, "sms": 132})
+    seen = []
+    monkeypatch.setattr(tri_bwd, "_bwd_dkdv_kernel", _Tiles(tri_bwd._bwd_dkdv_kernel, seen))
     B, H, Hkv, T, S, D, kw = case
     check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
+    cfg = tri_bwd.DKDV_ATOMIC_CONFIGS[tri._dbucket(D)][config]
+    assert seen == [(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)]
+
+
+def test_dkdv_tables_autotuned_apart(monkeypatch):
+    """The dK/dV kernel's two tables get separate autotuners (the cache key holds the table, not only the name)."""
+    monkeypatch.setattr(tri, "_TUNED", {})
+    for table in (tri_bwd.DKDV_CONFIGS, tri_bwd.DKDV_ATOMIC_CONFIGS):
+        for b in (64, 128, 256):
+            assert tri._tuned(tri_bwd._bwd_dkdv_kernel, table, b).configs == table[b]
 
 
 @pytest.mark.parametrize("sms,D,splits", [(1, 64, 1), (3, 64, 3), (132, 64, 5), (132, 256, 4)])

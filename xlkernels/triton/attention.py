@@ -254,8 +254,9 @@ _TUNED = {}
 def _tuned(kernel, table, bucket, reset=()):
     """Autotuned kernel on the GPU: a small config set per head-dim bucket, keyed on the shape class (length
     buckets, not exact lengths, so decoding with a growing cache does not retune every step). `reset`: buffers
-    the kernel accumulates into (atomics), zeroed before each timed run and the real one."""
-    key = (kernel.__name__, bucket, tuple(reset))
+    the kernel accumulates into (atomics), zeroed before each timed run and the real one. One entry per table
+    (the dK/dV kernel has two)."""
+    key = (kernel.__name__, id(table), bucket, tuple(reset))
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(configs=table[bucket], reset_to_zero=list(reset) or None, key=[
             "HEAD_D", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_GATE", "T_BUCKET", "S_BUCKET"])(kernel)

@@ -292,6 +292,14 @@ DKDV_CONFIGS = {
     128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3), _cfg(32, 128, 8, 2)],
     256: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2)],
 }
+# dK/dV with ATOMIC_DQ (the extra dS^T K product and its fp32 tile): no spill stores inside the loops on sm_90a,
+# fp16/bf16, D 64-256, plain and full (bench/NOTES.md, "opt-in atomic dQ"). The 64-query-row configs tried and
+# the D 256 64-key (wgmma) ones all store spills in the loop, so D 256 stays on mma.sync.
+DKDV_ATOMIC_CONFIGS = {
+    64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)],
+    128: [_cfg(16, 128, 8, 2), _cfg(16, 128, 8, 3), _cfg(32, 64, 8, 2)],
+    256: [_cfg(16, 32, 8, 2), _cfg(16, 32, 8, 3), _cfg(32, 16, 8, 2)],
+}
 DQ_CONFIGS = {
     64: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
     128: [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 3)],
@@ -332,7 +340,8 @@ def backward(do, q, k, v, out, o_raw, lse, gate, shift, kpm, causal, scale, wind
     atomic = need_dq and need_dkdv and atomic_dq()
     if need_dkdv:
         dq32 = torch.zeros(B, H, T, D, dtype=f32, device=q.device) if atomic else delta
-        launch(_bwd_dkdv_kernel, DKDV_CONFIGS, lambda meta: row_grid(S, B * Hkv, meta["BLOCK_N"]), block_d,
+        table = DKDV_ATOMIC_CONFIGS if atomic else DKDV_CONFIGS
+        launch(_bwd_dkdv_kernel, table, lambda meta: row_grid(S, B * Hkv, meta["BLOCK_N"]), block_d,
                (q, k, v, do, lse, delta, dk, dv, g, kp, dq32, *qs, dk.stride(0), dk.stride(1), dk.stride(2),
                 dv.stride(0), dv.stride(1), dv.stride(2), gs[0], gs[1], kps,
                 *(dq32.stride()[:3] if atomic else (0,) * 3),
