@@ -5,8 +5,8 @@ STL instructions inside backward-branch spans), needs more than 227 KB of shared
 where the committed record (bench/results/static/sm90a.json) says it did. Spills outside loops, and reloads
 inside loops of values spilled before them, are listed in the record but do not fail.
 `make test` compiles a subset (each config once: one head dim per bucket, bf16, all features on; ~2 min cold,
-seconds when cached); `make static-check` (XLK_STATIC_FULL=1) compiles all (340 today, 750 s of compiling
-cold: 11-15 min on 2 cores). Both include the opt-in atomic-dQ backward's dK/dV kernel (variant `...+atomic-dq`).
+seconds when cached); `make static-check` (XLK_STATIC_FULL=1) compiles all (396 today, 840 s of compiling
+cold: 12-17 min on 2 cores). Both include the TMA forward and the opt-in atomic-dQ dK/dV kernel (`...+atomic-dq`).
 """
 import json
 import os
