@@ -63,10 +63,18 @@ def flex_provider():
     return fn
 
 
-def xlk_provider(be="triton"):
+def xlk_provider(be="triton", tma=None):
+    """tma: None = the library's choice, "0" = the pointer forward even on Hopper (XLKERNELS_TMA)."""
+    from xlkernels.triton import attention_tma
+
     def fn(q, k, v, causal, gate=None, shift=None):
-        with backend(be):
-            return xlkernels.steered_attention(q, k, v, gate=gate, shift=shift, causal=causal)
+        saved = attention_tma.MODE
+        attention_tma.MODE = tma or saved
+        try:
+            with backend(be):
+                return xlkernels.steered_attention(q, k, v, gate=gate, shift=shift, causal=causal)
+        finally:
+            attention_tma.MODE = saved
     return fn
 
 
@@ -125,6 +133,9 @@ def grid(args, rows, dev, dtype):
                     res[("xlkernels", steer)] = bench_one(rows, "xlkernels" + ("-steered" if steer else ""),
                                                           xlk_provider(), B, H, S, D, causal, dtype, dev, steer,
                                                           warmup, rep, modes)
+                # the pointer forward in the same run: what TMA + warp specialisation buy on this GPU
+                bench_one(rows, "xlkernels-steered-pointer", xlk_provider(tma="0"), B, H, S, D, causal, dtype, dev,
+                          True, warmup, rep, ("forward",))
                 # unfused baseline: SDPA + head_steer epilogue (xlkernels' own 'cuda' backend)
                 bench_one(rows, "sdpa+head_steer-steered", xlk_provider("cuda"), B, H, S, D, causal, dtype, dev,
                           True, warmup, rep, modes)
