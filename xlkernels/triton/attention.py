@@ -100,17 +100,24 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kp_base, sks, svs, start, stop,
             else:
                 kp = tl.load(kp_base + offs_n)
             s = tl.where(kp[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * fac)
-        m_use = m_new
-        if MASK or HAS_KPM:  # rows with no visible key yet: keep m = -inf, subtract 0
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * fac - m_use[:, None])  # one FMA per score
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, fac, MASK or HAS_KPM, PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, fac, MAY_BE_EMPTY: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the online softmax: scores s * fac (log2 units), then acc += P V. MAY_BE_EMPTY: rows may
+    have seen no key yet (masked blocks): keep m = -inf there and subtract 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * fac)
+    m_use = m_new
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * fac - m_use[:, None])  # one FMA per score
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit

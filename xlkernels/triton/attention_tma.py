@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import attention as att
 from . import grids
-from .attention import _fwd_epilogue, _pos_mask, _q_block, _tanh, folded_id
+from .attention import _fwd_epilogue, _pos_mask, _q_block, _softmax_step, _tanh, folded_id
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -47,16 +47,7 @@ def _tma_inner(acc, m_i, l_i, q, Kd, Vd, kp_base, b, hk, start, stop, offs_m, S,
         if HAS_KPM:
             kp = tl.load(kp_base + offs_n, mask=offs_n < S, other=0)
             s = tl.where(kp[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * fac)
-        m_use = m_new
-        if MASK or HAS_KPM:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * fac - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, fac, MASK or HAS_KPM, PREC)
     return acc, m_i, l_i
 
 
