@@ -48,7 +48,7 @@ def test_tma_forward_matches_reference(case, dtype, forced):
     assert forced, "the TMA kernel did not run"
 
 
-TMA_PARAMS = [(c, i) for c in GPU_CASES for i in range(len(tma.TMA_CONFIGS[128]))]
+TMA_PARAMS = [(c, i) for c in GPU_CASES for i in range(len(tma.TMA_CONFIGS[tma.att._dbucket(c[5])]))]
 
 
 @pytest.mark.parametrize("case,config", TMA_PARAMS, ids=[f"{_id(c)}-config{i}" for c, i in TMA_PARAMS])
@@ -79,6 +79,7 @@ def test_layouts_tma_cannot_describe_take_the_pointer_kernel(forced):
     assert not tma.usable(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # last dim not contiguous
     shifted = torch.randn(2 * 40 * 72 + 1, dtype=torch.float16, device=TDEV)[1:].view(1, 2, 40, 72)
     assert not tma.usable(shifted, k, v)  # base not 16-byte aligned
+    assert not tma.usable(q, k[:, :1].expand(1, 2, 40, 72), v)  # a stride of 0
     tiny = torch.randn(1, 2, 40, 4, dtype=torch.float16, device=TDEV)
     assert not tma.usable(tiny, tiny, tiny)  # 8-byte rows
     # the fallback still gives the right answer (pointer kernel)

@@ -65,7 +65,7 @@ def _dispatch_lines(device) -> list:
         pick = forced or dispatch.choose(dispatch.Facts(capability=cap, **kw))
         lines.append(f"    {label:<30} {pick}")
     from xlkernels.triton import attention_tma as tma
-    where = {"0": "off", "1": "wherever the layout allows"}.get(tma.MODE, "on capability >= 9")
+    where = {"0": "off", "1": "wherever the layout allows"}.get(tma.MODE, "on Hopper (capability 9.x)")
     lines.append(f"  triton forward loads: TMA descriptors {where} (XLKERNELS_TMA={tma.MODE}; "
                  f"{'available' if tma.TensorDescriptor is not None else 'not in this triton'}), "
                  f"warp specialisation {'available' if tma.HAS_WS else 'not in this triton'}")

@@ -4,8 +4,8 @@ older GPUs, fp32, layouts TMA cannot describe, and the interpreter unless a test
 
 The descriptors are 4-d over the caller's (B, H, T, D) views, so HF's strided q/k/v need no copy, and TMA's zero
 fill past S or D replaces the load masks (the score mask of the boundary blocks stays).
-MODE (XLKERNELS_TMA): "auto" = CUDA devices of capability >= 9; "0" = never; "1" = wherever the layout allows
-(also under the interpreter: tests).
+MODE (XLKERNELS_TMA): "auto" = Hopper (capability 9.x: the configs were compiled for sm_90a only); "0" = never;
+"1" = wherever the layout allows (newer GPUs; the interpreter tests).
 """
 import inspect
 import os
@@ -128,9 +128,11 @@ TMA_CONFIGS = {
 
 
 def _describable(x):
+    """TMA's rules (cuTensorMapEncodeTiled): 16-byte aligned base, unit last stride, other strides positive
+    multiples of 16 bytes below 2**40 (so no expand()ed dims), rows of at least 16 bytes."""
     s = x.stride()
     n = x.element_size()
-    return (s[-1] == 1 and x.data_ptr() % 16 == 0 and all(st * n % 16 == 0 for st in s[:-1])
+    return (s[-1] == 1 and x.data_ptr() % 16 == 0 and all(0 < st * n < 2 ** 40 and st * n % 16 == 0 for st in s[:-1])
             and x.shape[-1] * n >= 16)
 
 
@@ -139,7 +141,7 @@ def usable(q, k, v) -> bool:
     if MODE == "0" or TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if MODE != "1":
-        if q.device.type != "cuda" or att.INTERP or torch.cuda.get_device_capability(q.device)[0] < 9:
+        if q.device.type != "cuda" or att.INTERP or torch.cuda.get_device_capability(q.device)[0] != 9:
             return False
     return all(_describable(x) for x in (q, k, v))
 

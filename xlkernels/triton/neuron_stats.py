@@ -8,13 +8,14 @@ float64/int64 accumulators; the accumulators are flushed with ONE atomic per (gr
 max uses an ordered-int atomic (signed max for values >= 0 and canonical NaN, unsigned min for negatives), so NaN
 sticks. tokens are counted with one index_add_ on the host side.
 
-Precision: inputs are widened to fp32; sums and sums of squares are float64 from the tile on (an fp32 square is
-exact in float64), so the only rounding is float64 addition. For one call over N rows the error of a sum is at
-most (N / BLOCK_R + 15 + number of flushes into that entry) * 2**-53 * sum|x| (recursive summation bound): with
-N = 1e9 tokens in one call and BLOCK_R = 16, about 6.3e7 * 1.1e-16 = 7e-9 of sum|x| in the worst case, and of
-order sqrt(6.3e7) * 1.1e-16 = 1e-12 for random-sign rounding. (fp32 running partials, even folded into float64
-every K = 16 rows, would leave ~16 * 6e-8 = 1e-6 of sum|x| and fail the tests' 1e-12 relative bound; the spills
-came from the per-element atomic path, not from the float64 accumulators, see bench/NOTES.md.)
+Precision: inputs are widened to fp32. A uniform tile's column sums (and sums of squares) are taken in fp32 over
+its BLOCK_R rows, then added to float64 running accumulators (one fp32 -> fp64 conversion per column and tile
+instead of one per element; mixed tiles add each row's exact fp32 value in float64). The fp32 partials restart
+every tile, so the error does not grow with the number of tokens: per entry it is at most
+BLOCK_R * 2**-24 * sum|x| (sum_sq: * sum x^2; rounding of the tile sums and of the squares) plus the float64
+part (N / BLOCK_R + flushes) * 2**-53 * sum|x|. With BLOCK_R = 16 that is 9.5e-7 + 7e-9 of sum|x| after 1e9 tokens
+in one call, in the worst case; random-sign rounding gives about 1e-8. Squares overflow to inf in fp32 above
+|x| = 1.8e19 (activations never come near). The CPU and CUDA C++ kernels keep every element in float64.
 """
 import torch
 import triton
@@ -69,10 +70,10 @@ def _consume(x, g, rmask, cols, cmask, I, pos_ptr, sum_ptr, sq_ptr, mx_i32, a_po
                 cur = gmax
             sel = (gv >= 0)[:, None]
             isnan = x != x
-            x64 = tl.where(sel, x, 0.0).to(tl.float64)
+            xs = tl.where(sel, x, 0.0)
             a_pos += tl.sum(tl.where(sel & (x > 0), 1, 0), axis=0).to(tl.int64)
-            a_sum += tl.sum(x64, axis=0)
-            a_sq += tl.sum(x64 * x64, axis=0)
+            a_sum += tl.sum(xs, axis=0).to(tl.float64)  # fp32 over the tile's rows, folded into float64
+            a_sq += tl.sum(xs * xs, axis=0).to(tl.float64)
             tmax = tl.max(tl.where(sel & ~isnan, x, float("-inf")), axis=0)
             tnan = tl.max(tl.where(sel & isnan, 1, 0), axis=0) > 0
             a_mx = tl.where(tnan | (a_mx != a_mx), float("nan"), tl.maximum(a_mx, tmax))
