@@ -96,12 +96,14 @@ def _recording(calls, tag):
 
 
 @contextlib.contextmanager
-def _tma_mode(mod, mode):
-    saved, mod.MODE = mod.MODE, mode
+def _setting(mod, name, value):
+    """A module-level switch (attention_tma.MODE, attention_bwd.DETERMINISTIC) set for the recording."""
+    saved = getattr(mod, name)
+    setattr(mod, name, value)
     try:
         yield
     finally:
-        mod.MODE = saved
+        setattr(mod, name, saved)
 
 
 def _hf(B, H, T, D, dtype):
@@ -123,7 +125,7 @@ def _attention_calls(D, dtype, variant, decode, calls):
     fwd = (q, k, v, gate, shift, kpm, True, D ** -0.5, window, softcap)
     from xlkernels.triton import attention_tma
     for mode in ("0",) if decode else ("1", "0"):  # prefill: the TMA (Hopper) and the pointer forward
-        with _recording(calls, "decode" if decode else "fwd"), _tma_mode(attention_tma, mode):
+        with _recording(calls, "decode" if decode else "fwd"), _setting(attention_tma, "MODE", mode):
             out, o_raw, lse = attention.forward(*fwd, False, full)
     if decode:
         return
@@ -201,12 +203,9 @@ def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS, atomic_dq=True):
                 _attention_calls(D, dtype, variant, True, calls)
                 recs += [(D, variant, c) for c in calls]
                 if atomic_dq:
-                    calls, det = [], attention_bwd.DETERMINISTIC
-                    attention_bwd.DETERMINISTIC = False
-                    try:
+                    calls = []
+                    with _setting(attention_bwd, "DETERMINISTIC", False):
                         _attention_calls(D, dtype, variant, False, calls)
-                    finally:
-                        attention_bwd.DETERMINISTIC = det
                     calls = [c for c in calls if c[0] == "bwd" and c[1].__name__ == "_bwd_dkdv_kernel"]
                     assert calls and all(c[4]["ATOMIC_DQ"] for c in calls), "atomic dQ path not taken"
                     recs += [(D, variant + "+atomic-dq", c) for c in calls]

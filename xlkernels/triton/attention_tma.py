@@ -58,8 +58,8 @@ def _fwd_tma_kernel(Qd, Kd, Vd, Out, ORaw, Lse, Gate, Shift, Kpm,
                     HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr,
                     HAS_SHIFT: tl.constexpr, SKIP_ZERO: tl.constexpr, SAVE_RAW: tl.constexpr, UPCAST: tl.constexpr,
-                    PREC: tl.constexpr, WS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    WS: tl.constexpr = False):
     # spare programs of a folded grid run no key loop and store nothing (an early return here makes Triton 3.9's
     # Hopper warp-specialisation pass fail)
     bh = folded_id()
@@ -154,18 +154,12 @@ def forward(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, con
             has_shift):
     bd = consts["BLOCK_D"]
     cfg = att.forced_config(TMA_CONFIGS, bd)
-    if cfg is None and att.INTERP:
-        cfg = _cfg(*att.INTERP_BLOCKS, 4, 1)
-    bm, bn = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) if cfg is not None else (64, 64)
+    # the boxes of the tile att.launch will run; autotuned configs set their own in _blocks
+    bm, bn = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) if cfg else att.INTERP_BLOCKS if att.INTERP else (64, 64)
     descs = (_desc(q, bm, bd), _desc(k, bn, bd), _desc(v, bn, bd))
     args = (*descs, out, o_r, lse, g, sh, kp, out.stride(0), out.stride(1), out.stride(2),
             o_r.stride(0), o_r.stride(1), o_r.stride(2), gs[0], gs[1], ss[0], ss[1], kps,
             B * H, H, H // Hkv, T, S, scal["window"], scal["scale_log2"], scal["sc_scale"], scal["sc_log2"],
             att.bucket(T), att.bucket(S))
-    c = dict(consts, HAS_SHIFT=has_shift, SKIP_ZERO=skip, SAVE_RAW=save_raw)
-    grid = lambda meta: att.row_grid(T, B * H, meta["BLOCK_M"])  # noqa: E731
-    if cfg is not None:
-        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if not att.INTERP else {}
-        _fwd_tma_kernel[grid(cfg.kwargs)](*args, **c, **cfg.kwargs, **opts)
-    else:
-        att._tuned(_fwd_tma_kernel, TMA_CONFIGS, att._dbucket(bd))[grid](*args, **c)
+    att.launch(_fwd_tma_kernel, TMA_CONFIGS, lambda meta: att.row_grid(T, B * H, meta["BLOCK_M"]), bd, args,
+               dict(consts, HAS_SHIFT=has_shift, SKIP_ZERO=skip, SAVE_RAW=save_raw))
