@@ -63,11 +63,11 @@ def run_model(model, tok, name, device, args, rows):
     """Providers are timed in interleaved rounds (one call each per round) so load changes on a shared
     machine hit all of them alike; memory is measured in a separate call."""
     import xlkernels
-    from xlkernels.analysis import heads
+    from xlkernels.analysis import heads, tokens
 
     texts = make_texts(tok, args.n, args.tokens)
     ml = args.tokens + 64
-    ntok = sum(len(s) for s in heads.encode(tok, texts, ml))
+    ntok = sum(len(s) for s in tokens.encode(tok, texts, ml))
     shape = {"model": name, "N": args.n, "tokens": ntok, "B": args.batch_size,
              "dtype": str(args.dtype).replace("torch.", "")}
     modes = ("gradient",) if args.quick else ("gradient", "paper")

@@ -115,7 +115,7 @@ def run_naive(model, tok, stats_corpus, eval_corpus, args, times):
 def run_xlk(model, tok, stats_corpus, eval_corpus, args, times):
     import xlkernels
     from xlkernels.analysis import neurons as N
-    from xlkernels.analysis.deactivation import deactivation_matrix
+    from xlkernels.analysis.neurons.deactivation import deactivation_matrix
     t = time.process_time()
     st = xlkernels.patch(model)
     try:
@@ -138,7 +138,7 @@ def run_xlk(model, tok, stats_corpus, eval_corpus, args, times):
 def old_nll(model, tok, corpus, batch_size, max_length):
     """language_nll as it was before length batching: batch_size texts in interleaved corpus order, right
     padding, full (B, T, V) logits, cross-entropy row by row."""
-    from xlkernels.analysis.neurons import text_batches
+    from xlkernels.analysis.neurons.stats import text_batches
     K = len(corpus)
     total = torch.zeros(K, dtype=torch.float64)
     count = torch.zeros(K, dtype=torch.float64)
@@ -157,7 +157,7 @@ def run_old(model, tok, stats_corpus, eval_corpus, args, times):
     """The library before this change (corpus-order padded batches, full logits) on the same data."""
     import xlkernels
     from xlkernels.analysis import neurons as N
-    from xlkernels.analysis.deactivation import _clear
+    from xlkernels.analysis.neurons.deactivation import _clear
     t = time.process_time()
     st = xlkernels.patch(model)
     try:

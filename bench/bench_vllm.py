@@ -27,7 +27,7 @@ PROMPTS = ["The capital of France is", "Der Himmel ist heute", "My favourite foo
 
 
 def _plan(st):
-    from xlkernels.analysis.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
     g = torch.Generator().manual_seed(0)
     L, H, D, I = st.num_layers, st.num_heads, st.head_dim, st.num_neurons
     gate = torch.ones(L, H)

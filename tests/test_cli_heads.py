@@ -21,7 +21,7 @@ def test_help_has_examples(capsys):
 
 def test_heads_end_to_end(tmp_path, capsys):
     from xlkernels.analysis import heads as lahis
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
     out = tmp_path / "h"
     assert main(["heads", *TINY, "--langs", "en,de,fr", "--n", "6", "--batch-size", "4", "--out", str(out),
                  "--mask-lang", "de", "--mask-value", "3"]) == 0
@@ -44,7 +44,7 @@ def test_heads_end_to_end(tmp_path, capsys):
 
 
 def test_shift_then_steer(tmp_path, capsys):
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
     out = tmp_path / "s"
     assert main(["shift", *TINY, "--langs", "en,de,fr", "--n", "8", "--k", "2", "--alpha", "3",
                  "--probe", "centroid", "--out", str(out)]) == 0
@@ -86,15 +86,15 @@ def test_errors(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 1
     assert "--importance" in capsys.readouterr().err
     # a plan for another model shape is refused with a clear message
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
     SteeringPlan(gate=torch.rand(3, 4), meta={"num_layers": 3, "num_heads": 4}).save(tmp_path / "p")
     assert main(["steer", *TINY, "--plan", str(tmp_path / "p"), "--prompt", "x"]) == 1
     assert "num_layers=3" in capsys.readouterr().err
 
 
 def test_heads_train_mask(tmp_path, capsys):
-    from xlkernels.analysis.plan import SteeringPlan
-    from xlkernels.analysis.soft_mask import train_soft_mask
+    from xlkernels.analysis.steering.plan import SteeringPlan
+    from xlkernels.analysis.heads.soft_mask import train_soft_mask
     qa = tmp_path / "qa.jsonl"
     pairs = [("The capital of France is", " Paris"), ("Hallo, wie", " geht es dir?")]
     qa.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs) + "\n")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import xlkernels
-from xlkernels.analysis.incline import INCLINE
-from xlkernels.analysis.itlc import ITLC
-from xlkernels.analysis.plan import SteeringPlan
+from xlkernels.analysis.steering.incline import INCLINE
+from xlkernels.analysis.steering.itlc import ITLC
+from xlkernels.analysis.steering.plan import SteeringPlan
 from xlkernels.cli import main
 from xlkernels.models import tiny_model
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_lape_job import old_nll
-from xlkernels.analysis import deactivation as D
+from xlkernels.analysis.neurons import deactivation as D
 
 CORPUS = {
     "en": ["The cat sat on the mat.", "Open the file", "Save changes?"],

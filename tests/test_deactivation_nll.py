@@ -1,4 +1,4 @@
-"""Length-batched, chunked NLL (heads.length_buckets / sequence_nll, deactivation.language_nll) and the
+"""Length-batched, chunked NLL (tokens.length_buckets / sequence_nll, deactivation.language_nll) and the
 length-bucketed statistics pass, against batch-of-one references with full logits."""
 import random
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xlkernels.analysis import deactivation as D
-from xlkernels.analysis import heads
+from xlkernels.analysis.neurons import deactivation as D
+from xlkernels.analysis import heads, tokens
 from xlkernels.analysis import neurons as N
 
 SEED = random.randrange(2**31)   # fresh inputs each run; printed on failure
@@ -53,28 +53,28 @@ def test_length_buckets():
     rng = _rng()
     lengths = [rng.randrange(0, 40) for _ in range(rng.randrange(50, 90))]
     for bs, mt in ((None, None), (7, None), (None, 97), (5, 61), (1, 1), (None, 20)):
-        out = heads.length_buckets(lengths, bs, mt)
+        out = tokens.length_buckets(lengths, bs, mt)
         flat = [i for b in out for i in b]
         assert sorted(flat) == list(range(len(lengths))), f"seed {SEED}"
         assert [lengths[i] for i in flat] == sorted(lengths)           # sorted by length
         for b in out:
             n, longest = len(b), max(lengths[i] for i in b)
-            assert n <= (bs or heads.MAX_BATCH_SEQS)
+            assert n <= (bs or tokens.MAX_BATCH_SEQS)
             assert mt is None or n == 1 or n * longest <= mt
     # the cuts are the cheapest within the limits (padded tokens + overhead per batch)
     for trial in range(6):
         small = [rng.randrange(0, 12) for _ in range(rng.randrange(1, 11))]
         bs, mt, ov = rng.choice([None, 3]), rng.choice([None, 24]), rng.choice([0, 5, 64])
-        out = heads.length_buckets(small, bs, mt, overhead=ov)
+        out = tokens.length_buckets(small, bs, mt, overhead=ov)
         assert _cost(out, small, ov) == _brute_best(small, bs, mt, ov), f"seed {SEED} {small} {bs} {mt} {ov}"
     # a short tail is not padded to one long sequence; equal lengths share one batch
-    assert heads.length_buckets([3, 3, 3, 3, 40], None, 512, overhead=8) == [[0, 1, 2, 3], [4]]
-    assert heads.length_buckets([5] * 9, None, 512) == [list(range(9))]
-    assert heads.length_buckets([], 4, 8) == []
+    assert tokens.length_buckets([3, 3, 3, 3, 40], None, 512, overhead=8) == [[0, 1, 2, 3], [4]]
+    assert tokens.length_buckets([5] * 9, None, 512) == [list(range(9))]
+    assert tokens.length_buckets([], 4, 8) == []
     with pytest.raises(ValueError, match="max_tokens"):
-        heads.length_buckets([3], 2, 0)
+        tokens.length_buckets([3], 2, 0)
     with pytest.raises(ValueError, match="batch_size"):
-        heads.length_buckets([3], -1, None)
+        tokens.length_buckets([3], -1, None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])   # gemma2: final logit softcapping
@@ -87,7 +87,7 @@ def test_sequence_nll_vs_batch_of_one(arch):
     seqs[rng.randrange(23)] = [rng.randrange(4, 260) for _ in range(31)]
     want, wcount = _ref_sums(model, seqs)
     for bs, mt, chunk in ((None, None, None), (4, 45, 7), (None, 64, 1), (1, None, 1000)):
-        got, count = heads.sequence_nll(model, seqs, pad_id=0, batch_size=bs, max_tokens=mt, chunk_tokens=chunk)
+        got, count = tokens.sequence_nll(model, seqs, pad_id=0, batch_size=bs, max_tokens=mt, chunk_tokens=chunk)
         assert got.dtype == torch.float64 and torch.equal(count, wcount), f"seed {SEED}"
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} {bs} {mt} {chunk}")
 
@@ -110,11 +110,11 @@ def test_blocked_nll_odd_blocks_target_in_last_partial_block(bias, softcap):
         tgt[1] = V - 1
         with torch.no_grad():
             want = F.cross_entropy(_capped(head(h).double(), softcap), tgt, reduction="none")   # float64 reference
-            got = heads._blocked_nll(head, softcap, h, tgt, block)
+            got = tokens._blocked_nll(head, softcap, h, tgt, block)
         assert got.dtype == torch.float32 and got.shape == (n,)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} block {block}")
     with pytest.raises(ValueError, match="target"):
-        heads._blocked_nll(head, softcap, h, torch.full((n,), V), 7)
+        tokens._blocked_nll(head, softcap, h, torch.full((n,), V), 7)
 
 
 def _capped(logits, softcap):
@@ -127,13 +127,13 @@ def test_sequence_nll_blocked_over_a_small_vocabulary_block(arch, monkeypatch):
     model, _ = tiny_model(arch, seed=7)
     V = model.get_output_embeddings().weight.shape[0]
     block = 41 if V % 41 else 43
-    monkeypatch.setattr(heads, "VOCAB_BLOCK", block)
+    monkeypatch.setattr(tokens, "VOCAB_BLOCK", block)
     rng = _rng(3)
     seqs = [[rng.randrange(V - V % block, V) if k % 2 else rng.randrange(4, V) for k in range(rng.randrange(2, 25))]
             for _ in range(11)]
     want, wcount = _ref_sums(model, seqs)
     for chunk in (None, 5):
-        got, count = heads.sequence_nll(model, seqs, chunk_tokens=chunk)
+        got, count = tokens.sequence_nll(model, seqs, chunk_tokens=chunk)
         assert torch.equal(count, wcount)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED} {chunk}")
 
@@ -148,7 +148,7 @@ def test_sequence_nll_through_a_patched_model_and_a_steerer():
     seqs = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 20))] for _ in range(9)]
     want, _ = _ref_sums(ref, seqs)
     for m in (model, st):
-        got, _ = heads.sequence_nll(m, seqs, max_tokens=40)
+        got, _ = tokens.sequence_nll(m, seqs, max_tokens=40)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
 
 
@@ -196,11 +196,11 @@ def test_language_nll_bad_input():
 
 
 def test_token_budget():
-    assert heads.token_budget(8, 128, None, "cpu") == heads.CPU_MAX_TOKENS
-    assert heads.token_budget(2, 24, None, "cpu") == 48
-    assert heads.token_budget(8, 128, 4096, "cpu") == 4096
-    assert heads.token_budget(8, 128, None, "meta") == 1024
-    assert heads.token_budget(None, None, None, "meta") == heads.GPU_MAX_TOKENS
+    assert tokens.token_budget(8, 128, None, "cpu") == tokens.CPU_MAX_TOKENS
+    assert tokens.token_budget(2, 24, None, "cpu") == 48
+    assert tokens.token_budget(8, 128, 4096, "cpu") == 4096
+    assert tokens.token_budget(8, 128, None, "meta") == 1024
+    assert tokens.token_budget(None, None, None, "meta") == tokens.GPU_MAX_TOKENS
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

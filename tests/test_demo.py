@@ -5,7 +5,7 @@ import os
 import pytest
 
 from xlkernels import cli
-from xlkernels.analysis.langid import detect
+from xlkernels.analysis.evaluation.langid import detect
 
 
 def test_demo_tiny_smoke(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_demo_tiny_smoke(tmp_path, capsys):
 
 
 def test_demo_reports_a_failing_step(tmp_path, capsys, monkeypatch):
-    from xlkernels.analysis import shift
+    from xlkernels.analysis.steering import shift
     monkeypatch.setattr(shift, "shift_bank", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     rc = cli.main(["demo", "--tiny", "llama", "--quick", "--n", "8", "--max-new-tokens", "2", "--no-progress",
                    "--prompt", "Hi", "--shift", "--out", str(tmp_path)])

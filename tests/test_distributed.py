@@ -29,7 +29,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     model, tok = tiny_model("llama")
     tok.save_pretrained(tmp_path / "tok")   # the ranks use this very tokenizer
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "xlkernels.analysis.distributed",
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "xlkernels.analysis.neurons.distributed",
            "--tiny", "llama", "--langs", "en,de,fr", "--num-texts", "7", "--batch-size", "4", "--max-length", "32",
            "--tokenizer", str(tmp_path / "tok"), "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -46,6 +46,6 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
 
 
 def test_needs_process_group():
-    from xlkernels.analysis.distributed import collect_stats_distributed
+    from xlkernels.analysis.neurons.distributed import collect_stats_distributed
     with pytest.raises(RuntimeError, match="torch.distributed"):
         collect_stats_distributed(None, None, {"en": ["x"]})

@@ -9,8 +9,8 @@ import torch
 
 import xlkernels
 from xlkernels import cli
-from xlkernels.analysis import evaluate as ev
-from xlkernels.analysis.plan import SteeringPlan, model_meta
+from xlkernels.analysis.evaluation import evaluate as ev
+from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
 from xlkernels.models.tiny import tiny_model
 
 PROMPTS = ["Hello there", "Guten Tag, wie", "abc", "The weather today is", "x"]

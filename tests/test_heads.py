@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xlkernels.analysis import heads
+from xlkernels.analysis import heads, tokens
 
 TEXTS = ["Enter a valid email address.", "Bonjour, le monde!", "Hallo Welt, wie geht es dir heute?", "ok",
          "Введите правильный адрес.", "这是一个测试。",
@@ -110,13 +110,13 @@ def test_head_sets_min_rep_clamped():
 def test_pad_right_and_encode():
     from xlkernels.models import tiny_tokenizer
     tok = tiny_tokenizer()
-    seqs = heads.encode(tok, ["abc", "", "hello world"], max_length=5)
+    seqs = tokens.encode(tok, ["abc", "", "hello world"], max_length=5)
     assert len(seqs) == 2 and len(seqs[1]) == 5 and seqs[0][0] == tok.bos_token_id   # "" has only <bos>
-    ids, mask = heads.pad_right(seqs, pad_id=0)
+    ids, mask = tokens.pad_right(seqs, pad_id=0)
     assert ids.shape == (2, 5) and mask.tolist() == [[1, 1, 1, 1, 0], [1] * 5]
     assert ids[0, 4] == 0
     with pytest.raises(ValueError, match="max_length"):
-        heads.encode(tok, ["a"], max_length=1)
+        tokens.encode(tok, ["a"], max_length=1)
 
 
 # ----------------------------------------------------------------------------------------- model parts
@@ -128,10 +128,10 @@ def tiny():
 
 def test_sample_nll_matches_hf_loss_per_sample(tiny):
     model, tok = tiny
-    seqs = heads.encode(tok, TEXTS, 64)
-    ids, mask = heads.pad_right(seqs, pad_id=0)
+    seqs = tokens.encode(tok, TEXTS, 64)
+    ids, mask = tokens.pad_right(seqs, pad_id=0)
     with torch.no_grad():
-        got = heads.sample_nll(model, ids, mask)
+        got = tokens.sample_nll(model, ids, mask)
         want = torch.stack([model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -162,18 +162,18 @@ def test_gradient_mode_batched_equals_per_sample(tiny):
     model, tok = tiny
     st = xlkernels.patch(model)
     try:
-        seqs = heads.encode(tok, TEXTS, 64)
+        seqs = tokens.encode(tok, TEXTS, 64)
         L, H = st.num_layers, st.num_heads
         # per-sample gradients from one batched backward vs one backward per text
-        ids, mask = heads.pad_right(seqs, 0)
+        ids, mask = tokens.pad_right(seqs, 0)
         gate = torch.ones(len(seqs), L, H, requires_grad=True)
         st.gate = gate
-        (gb,) = torch.autograd.grad(heads.sample_nll(model, ids, mask).sum(), gate)
+        (gb,) = torch.autograd.grad(tokens.sample_nll(model, ids, mask).sum(), gate)
         for i, s in enumerate(seqs):
             g1 = torch.ones(L, H, requires_grad=True)
             st.gate = g1
-            i1, m1 = heads.pad_right([s], 0)
-            (g,) = torch.autograd.grad(heads.sample_nll(model, i1, m1)[0], g1)
+            i1, m1 = tokens.pad_right([s], 0)
+            (g,) = torch.autograd.grad(tokens.sample_nll(model, i1, m1)[0], g1)
             # padded batch vs batch of one run different attention paths: fp32 rounding, relative to |g|max
             tol = 1e-5 * float(g.abs().max())
             torch.testing.assert_close(gb[i], g, rtol=1e-5, atol=tol)
@@ -253,14 +253,14 @@ def test_chunked_nll_equals_full_logits_loss_and_grad(arch, chunk):
     model, tok = tiny_model(arch, seed=2)
     if arch == "gemma2":
         assert model.config.final_logit_softcapping
-    ids, mask = heads.pad_right(heads.encode(tok, TEXTS, 40), 0)
+    ids, mask = tokens.pad_right(tokens.encode(tok, TEXTS, 40), 0)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3, -100)
     st = xlkernels.patch(model)
     try:
-        with heads.frozen(model):
+        with tokens.frozen(model):
             for lab in (None, labels):
                 res = []
-                for fn in (_full_logits_nll, lambda *a: heads.token_nll(*a, chunk_tokens=chunk)):
+                for fn in (_full_logits_nll, lambda *a: tokens.token_nll(*a, chunk_tokens=chunk)):
                     gate = (1 + 0.1 * torch.randn(len(ids), st.num_layers, st.num_heads,
                                                   generator=torch.Generator().manual_seed(1))).requires_grad_()
                     st.gate = gate
@@ -272,14 +272,14 @@ def test_chunked_nll_equals_full_logits_loss_and_grad(arch, chunk):
                 torch.testing.assert_close(n1, n0, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5 * float(g0.abs().max()))
                 with torch.no_grad():
-                    n2, _ = heads.token_nll(model, ids, mask, lab, chunk_tokens=chunk)
+                    n2, _ = tokens.token_nll(model, ids, mask, lab, chunk_tokens=chunk)
                 torch.testing.assert_close(n2, n1, rtol=1e-6, atol=1e-7)
     finally:
         xlkernels.unpatch(model)
 
 
 def test_chunk_tokens_for():
-    assert heads.chunk_tokens_for(262144) == 64
-    assert heads.chunk_tokens_for(32000) == 524
-    assert heads.chunk_tokens_for(260) == 1024
-    assert heads.chunk_tokens_for(10 ** 9) == 16
+    assert tokens.chunk_tokens_for(262144) == 64
+    assert tokens.chunk_tokens_for(32000) == 524
+    assert tokens.chunk_tokens_for(260) == 1024
+    assert tokens.chunk_tokens_for(10 ** 9) == 16

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from xlkernels.analysis import langid
+from xlkernels.analysis.evaluation import langid
 from xlkernels.analysis.data import parallel_corpus
 
 SENTENCES = {

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from xlkernels.analysis import latent
+from xlkernels.analysis.steering import latent
 from xlkernels.analysis.align import embed
-from xlkernels.analysis.incline import INCLINE, SIGMA_GRID, select_sigma
-from xlkernels.analysis.itlc import ITLC, lda_fit
+from xlkernels.analysis.steering.incline import INCLINE, SIGMA_GRID, select_sigma
+from xlkernels.analysis.steering.itlc import ITLC, lda_fit
 from xlkernels.models import tiny_model
 
 PROMPTS = ["Hallo Welt, wie geht es?", "hi", "Enter a number."]

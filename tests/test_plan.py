@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from xlkernels.analysis.plan import SteeringPlan, model_dims
+from xlkernels.analysis.steering.plan import SteeringPlan, model_dims
 
 L, H, D, I = 2, 4, 16, 128
 META = {"model": "tiny", "arch": "llama", "num_layers": L, "num_heads": H, "head_dim": D, "num_neurons": I}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from xlkernels import cli
-from xlkernels.analysis import claims as C
-from xlkernels.analysis import reproduce as rp
+from xlkernels.analysis.reproduce import claims as C
+from xlkernels.analysis.reproduce import measure as rp
 
 
 def _gen(seed):
@@ -323,7 +323,7 @@ def test_cli_user_corpus_not_parallel(tmp_path, capsys, monkeypatch):
 
 def test_run_tiny_steering_from_eval_harness(tiny4, tmp_path):
     """The steering rows come from analysis/evaluate.py: one per fitted method, each its best sweep point."""
-    from xlkernels.analysis import evaluate as E
+    from xlkernels.analysis.evaluation import evaluate as E
     model, tok = tiny4
     cfg = dict(SMALL, steer_prompts=2, steer_new_tokens=3, strengths={"shift": (4.0,), "itlc": (1.0,),
                "incline": (0.3,), "forcing": (2.0,), "gate": (1.0,), "neurons": (None,)})

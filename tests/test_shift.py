@@ -3,8 +3,8 @@ checked against o_proj pre-hook references."""
 import pytest
 import torch
 
-from xlkernels.analysis import heads
-from xlkernels.analysis import shift as sh
+from xlkernels.analysis import tokens
+from xlkernels.analysis.steering import shift as sh
 
 EN = ["Enter a valid email address.", "This field is required.", "Save and continue editing",
       "Please correct the errors below.", "Delete selected items", "Change password"]
@@ -175,7 +175,7 @@ def test_injection_and_bank_match_hooks(tiny):
         torch.testing.assert_close(bank.bank[1], sh.masked_shift(S, m), rtol=1e-5, atol=1e-6)
     finally:
         xlkernels.unpatch(model)
-    seqs = heads.encode(tok, ["Hello there", "Bonjour toi"], 32)
+    seqs = tokens.encode(tok, ["Hello there", "Bonjour toi"], 32)
     ids = torch.tensor([seqs[0][:5], seqs[1][:5]])
     ref_one = _hook_logits(model, ids, [delta, delta])
     ref_bank = _hook_logits(model, ids, [4.0 * bank.bank[1], 4.0 * bank.bank[0]])

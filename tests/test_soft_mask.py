@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xlkernels.analysis import soft_mask as sm
+from xlkernels.analysis.heads import soft_mask as sm
 
 PAIRS = [("Q: capital of France? A:", " Paris"), ("Q: 2+2? A:", " 4"), ("Q: color of sky? A:", " blue"),
          ("Q: opposite of hot? A:", " cold"), ("Q: first letter? A:", " a"), ("Q: capital of Italy? A:", " Rome")]

@@ -17,7 +17,7 @@ from vllm import SamplingParams  # noqa: E402
 
 import xlkernels  # noqa: E402
 from xlkernels.analysis import neurons as N  # noqa: E402
-from xlkernels.analysis.plan import SteeringPlan, model_meta  # noqa: E402
+from xlkernels.analysis.steering.plan import SteeringPlan, model_meta  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 

@@ -46,7 +46,7 @@ def test_merge_shards_concatenates_neurons():
 
 
 def test_plan_rows_slice_heads_and_neurons():
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
     L, H, D, I = 3, 4, 2, 8
     dims = {"num_layers": L, "num_heads": H, "head_dim": D, "num_neurons": I}
     gate = torch.rand(L, H)

@@ -25,11 +25,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "claim_sweep"))
     args = ap.parse_args()
     import xlkernels
-    from xlkernels.analysis import evaluate as ev
+    from xlkernels.analysis.evaluation import evaluate as ev
     from xlkernels.analysis import heads as hd
-    from xlkernels.analysis import shift as sh
+    from xlkernels.analysis.steering import shift as sh
     from xlkernels.analysis.data import parallel_corpus
-    from xlkernels.analysis.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
     from xlkernels.models.default import load_default
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def main():
 
 
 def save(out, runs, info, prompts, t0):
-    from xlkernels.analysis import evaluate as ev
+    from xlkernels.analysis.evaluation import evaluate as ev
     rows = []
     for res in runs:
         for r in res["rows"]:

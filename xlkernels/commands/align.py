@@ -55,7 +55,8 @@ def _corpus(args):
 
 
 def run(args) -> int:
-    from xlkernels.analysis import align, plots
+    from xlkernels.analysis import align
+    from xlkernels.analysis import plots
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
     poolings = tuple(x.strip() for x in args.pooling.split(",") if x.strip())

@@ -149,14 +149,14 @@ def neuron_steering(steerer, stats, lape, langs, src, tgt):
 
 
 def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, neurons, summary, shift):
-    from xlkernels.analysis.langid import detect
+    from xlkernels.analysis.evaluation.langid import detect
     model = steerer.model
     langs = list(corpus)
     if neurons is None and not shift:
         raise RuntimeError("no language neurons (step 2 failed) and --shift not given: nothing to steer with")
     bank = None
     if shift:
-        from xlkernels.analysis import shift as sh
+        from xlkernels.analysis.steering import shift as sh
         outs = {x: sh.head_outputs(steerer, tok, texts, batch_size=16, max_length=48, progress=progress)
                 for x, texts in corpus.items()}
         bank = sh.shift_bank(outs, pivot="en")
@@ -190,7 +190,7 @@ def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, 
 
 def step_claims(steerer, tok, corpus, out, quick, summary):
     """A small `xlkernels reproduce` on the demo's corpus: one row per claim (steering: step 3 and `xlkernels eval`)."""
-    from xlkernels.analysis import reproduce
+    from xlkernels.analysis.reproduce import measure as reproduce
     small = {"n_fit": 16, "n_eval": 8, "n_lahis": 4, "n_train": 8, "n_mexa": 16} if quick else {}
     rep = reproduce.run(steerer, tok, corpus=corpus, level="demo", overrides=small, out=os.path.join(out, "claims"),
                         steps=("neurons", "heads", "soft_mask", "mexa"), log=lambda *a, **k: None)

@@ -55,7 +55,7 @@ def add_arguments(p):
 def parse_strengths(specs):
     """--strengths specs -> None (each plan's own setting) or {name or method: list}: DEFAULT_STRENGTHS,
     replaced for every method by a spec without NAME=, then per NAME (a plan name or a method)."""
-    from xlkernels.analysis.evaluate import DEFAULT_STRENGTHS
+    from xlkernels.analysis.evaluation.evaluate import DEFAULT_STRENGTHS
     if specs == ["own"]:
         return None
     out, keyed = dict(DEFAULT_STRENGTHS), {}
@@ -77,7 +77,7 @@ def parse_strengths(specs):
 
 def run(args) -> int:
     import xlkernels
-    from xlkernels.analysis import evaluate as ev
+    from xlkernels.analysis.evaluation import evaluate as ev
     from xlkernels.analysis.data import parallel_corpus
 
     methods = []

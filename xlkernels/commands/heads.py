@@ -100,7 +100,7 @@ def read_pairs(path):
 
 
 def pairs_loss(steerer, tok, pairs, gate, batch_size, max_length):
-    from xlkernels.analysis.soft_mask import pairs_loss as loss
+    from xlkernels.analysis.heads.soft_mask import pairs_loss as loss
     return loss(steerer, tok, pairs, gate, batch_size, max_length)
 
 
@@ -126,8 +126,8 @@ def run(args) -> int:
 
     from xlkernels.analysis import heads as lahis
     from xlkernels.analysis import plots
-    from xlkernels.analysis.plan import SteeringPlan, model_meta
-    from xlkernels.analysis.soft_mask import default_k, train_soft_mask
+    from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.heads.soft_mask import default_k, train_soft_mask
 
     _check(args)
     progress = not args.no_progress

@@ -104,7 +104,7 @@ def analyse(steerer, tok, corpus, args, progress=True, log=print, collect=None):
     tensors.update(N.neuron_sets_tensors("general", [cls.general], ["all"]))
     tensors["lape_counts"] = lape_counts.contiguous()
     if args.deactivate:
-        from xlkernels.analysis.deactivation import deactivation_matrix, format_matrix
+        from xlkernels.analysis.neurons.deactivation import deactivation_matrix, format_matrix
         t0 = time.perf_counter()
         res = deactivation_matrix(steerer, tok, eval_corpus, lape.neurons, batch_size=args.batch_size,
                                   max_length=args.max_length, progress=progress)

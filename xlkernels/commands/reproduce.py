@@ -47,7 +47,7 @@ def _corpus(args):
 
 
 def run(args) -> int:
-    from xlkernels.analysis import reproduce as rp
+    from xlkernels.analysis.reproduce import measure as rp
     level = "quick" if args.quick else "full" if args.full else "default"
     langs = [x.strip() for x in args.langs.split(",") if x.strip()] if args.langs else None
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}

@@ -86,8 +86,8 @@ def _importance(path, langs):
 
 def run(args) -> int:
     import xlkernels
-    from xlkernels.analysis import shift as sh
-    from xlkernels.analysis.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.steering import shift as sh
+    from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
 
     for name in ("n", "batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -146,7 +146,7 @@ def run(args) -> int:
 
 def _latent(args, model, tok, name, corpus):
     """--method itlc / incline: fit on the HF model (unpatched) and save the plan."""
-    from xlkernels.analysis.plan import SteeringPlan, model_meta
+    from xlkernels.analysis.steering.plan import SteeringPlan, model_meta
 
     meta = model_meta(model)
     L = meta["num_layers"]
@@ -155,7 +155,7 @@ def _latent(args, model, tok, name, corpus):
     t0 = time.perf_counter()
     info = {"model": name, "method": args.method, "languages": list(corpus), "n": n}
     if args.method == "itlc":
-        from xlkernels.analysis.itlc import ITLC
+        from xlkernels.analysis.steering.itlc import ITLC
         layer = L // 2 if args.layer is None else args.layer
         if not 1 <= layer <= L - 1:
             raise ValueError(f"--layer must be in [1, {L - 1}] for this {L}-layer model, got {layer}")
@@ -173,8 +173,8 @@ def _latent(args, model, tok, name, corpus):
         for x, v in norms.items():
             print(f"{x:<8}|u| {v:.3f}  active dims {int(it.active[it.langs.index(x)].sum())}")
     else:
-        from xlkernels.analysis import latent
-        from xlkernels.analysis.incline import INCLINE
+        from xlkernels.analysis.steering import latent
+        from xlkernels.analysis.steering.incline import INCLINE
         if "en" not in corpus:
             raise ValueError(f"--method incline maps to English: --langs must contain en, got {list(corpus)}")
         src = args.src or next((x for x in corpus if x != "en"), None)

@@ -85,7 +85,7 @@ def detect_language(model, tok, itlc, prompt):
 
 def run_vllm(args, prompts) -> int:
     """Every prompt in one vLLM batch, each steered by the plan (and its --target-lang)."""
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
     from xlkernels.models import DEFAULT_NAME
     try:
         from xlkernels.vllm import LLM
@@ -140,7 +140,7 @@ def run_vllm(args, prompts) -> int:
 
 def run(args) -> int:
     import xlkernels
-    from xlkernels.analysis.plan import SteeringPlan
+    from xlkernels.analysis.steering.plan import SteeringPlan
 
     prompts = list(args.prompt) + list(args.prompts)
     if not prompts:

@@ -76,7 +76,7 @@ class LLM(vllm.LLM):
     def register_plan(self, name: str, plan, alpha: float | None = None) -> None:
         """Send a SteeringPlan (or a plan path) to every worker under `name` (replacing one of that name).
         Shapes are checked against the model there; a bad plan raises here and the engine keeps serving."""
-        from ..analysis.plan import SteeringPlan
+        from ..analysis.steering.plan import SteeringPlan
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if isinstance(plan, SteeringPlan):
@@ -87,7 +87,7 @@ class LLM(vllm.LLM):
         return self._register(name, path, alpha, SteeringPlan.load(path))
 
     def _register(self, name, path, alpha, plan):
-        from ..analysis.plan import SteeringPlan  # noqa: F401 - loaded above
+        from ..analysis.steering.plan import SteeringPlan  # noqa: F401 - loaded above
         from .worker import check_supported
         plan.validate(self.dims)
         check_supported(plan)
@@ -185,7 +185,7 @@ def _prompt_dict(p):
 def corpus_rows(tokenizer, corpus: dict, max_length: int = 256, packing: bool = False):
     """[(language id, token ids)]: exactly the rows (and tokens) the HF path `analysis.neurons.collect_stats`
     counts, in its order."""
-    from ..analysis import neurons as N
+    from ..analysis.neurons import stats as N
     N._check_corpus(corpus)
     make = N.packed_batches if packing else N.text_batches
     rows = []

@@ -103,7 +103,7 @@ class WorkerExtension:
 
     def xlk_register_plan(self, name: str, path: str, alpha=None) -> list:
         """Load the plan file, check it against the model, add its rows. Returns the plan's languages."""
-        from ..analysis.plan import SteeringPlan
+        from ..analysis.steering.plan import SteeringPlan
         dims = model_dims(self.vllm_config)
         plan = SteeringPlan.load(path)
         plan.validate(dims)

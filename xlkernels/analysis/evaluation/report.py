@@ -31,7 +31,7 @@ def to_markdown(result: dict) -> str:
 def plot(result: dict, path, title=None):
     """Success (target rate) against fluency cost (NLL under the unsteered model): one curve per plan,
     points in strength order and labelled with the strength; the unsteered model as a star."""
-    from .plots import _legend_right, _plt, _save
+    from ..plots import _legend_right, _plt, _save
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = []

@@ -21,7 +21,7 @@ import os
 import torch
 
 from . import latent
-from .align import embed
+from ..align import embed
 
 
 def lda_fit(X: torch.Tensor, y: torch.Tensor, num_classes: int, n_components=None, tol=1e-4):

@@ -15,8 +15,8 @@ import contextlib
 
 import torch
 
-from .align import _no_logits, pool, position_ids
-from .heads import decoder_layers
+from ..align import _no_logits, pool, position_ids
+from ..heads.lahis import decoder_layers
 
 SITES = ("block", "mlp")
 STRATEGIES = ("prompt_only", "gen_only", "prompt_and_gen")

@@ -16,7 +16,7 @@ import traceback
 import torch
 
 from . import claims
-from .reproduce_report import format_table, print_summary, write_report  # noqa: F401 (this module's API)
+from .report import format_table, print_summary, write_report  # noqa: F401 (this module's API)
 
 LEVELS = {
     # langs, texts for statistics/scores/training, held-out texts, LAHIS texts, random-head seeds, soft-mask
@@ -66,7 +66,7 @@ def qa_pairs(corpus: dict, lang: str, pivot: str = "en"):
 @torch.no_grad()
 def answer_loss(steerer, tok, pairs, gate, batch_size=8, max_length=128) -> float:
     """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (None: no mask)."""
-    from .soft_mask import pairs_loss
+    from ..heads.soft_mask import pairs_loss
     return pairs_loss(steerer, tok, pairs, gate, batch_size, max_length)
 
 
@@ -81,7 +81,7 @@ def _gate(L, H, heads, value=0.0):
 
 
 def _nll(steerer, tok, corpus, cfg, gate=None):
-    from .deactivation import language_nll
+    from ..neurons.deactivation import language_nll
     old = steerer.gate
     steerer.gate = _ones(steerer) if gate is None else gate
     try:
@@ -94,8 +94,8 @@ def _nll(steerer, tok, corpus, cfg, gate=None):
 def measure_neurons(steerer, tok, fit, ev, cfg, state):
     """LAPE statistics + selection on the fit texts, the deactivation matrix on the held-out texts, Zhang et
     al.'s classes on the same statistics. Rows: deactivation, layers, classes."""
-    from . import neurons as N
-    from .deactivation import deactivation_matrix
+    from .. import neurons as N
+    from ..neurons.deactivation import deactivation_matrix
     stats = N.collect_stats(steerer, tok, fit, batch_size=16, max_length=cfg["max_length"], progress=False)
     p = N.activation_probs(stats)
     lape = N.lape(p)
@@ -116,7 +116,7 @@ def measure_neurons(steerer, tok, fit, ev, cfg, state):
 def measure_heads(steerer, tok, fit, ev, cfg, state, seed=0):
     """LAHIS scores on the fit texts; mask each language's first int(L*H*0.02) language-specific heads and
     as many random heads (not in its top list; `seeds` draws) and measure the held-out losses."""
-    from . import heads as hd
+    from .. import heads as hd
     L, H = steerer.num_layers, steerer.num_heads
     langs = list(fit)
     scores = {x: hd.lahis_scores(steerer, tok, fit[x][:cfg["n_lahis"]], batch_size=cfg["n_lahis"],
@@ -149,7 +149,7 @@ def measure_heads(steerer, tok, fit, ev, cfg, state, seed=0):
 def measure_soft_mask(steerer, tok, fit, ev, cfg, state, lang=None, seed=0):
     """Train the gates of `lang`'s top int(L*H*0.02) LAHIS heads on translation pairs from the fit texts
     (2 epochs, AdamW lr 1e-2) and compare the held-out answer loss (and, at level full, random heads)."""
-    from .soft_mask import default_k, train_soft_mask
+    from ..heads.soft_mask import default_k, train_soft_mask
     why = ("needs a parallel corpus with en" if not is_parallel(fit) or not is_parallel(ev) else
            "needs the LAHIS scores of the heads step" if "scores" not in state else None)
     if why:
@@ -176,7 +176,7 @@ def measure_soft_mask(steerer, tok, fit, ev, cfg, state, lang=None, seed=0):
 
 
 def measure_mexa(steerer, tok, corpus, cfg, state):
-    from .align import mexa
+    from ..align import mexa
     if not is_parallel(corpus):
         return [claims.make_row("MEXA: alignment with English peaks in the middle layers", "",
                                 "undecided: needs a parallel corpus with en", None, {})]
@@ -210,7 +210,7 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
     if corpus is None:
-        from .data import parallel_corpus
+        from ..data import parallel_corpus
         corpus = parallel_corpus(list(langs or cfg["langs"]))
     elif langs is not None:
         missing = [x for x in langs if x not in corpus]
@@ -259,7 +259,7 @@ def steering_eval(steerer, tok, fit, ev, cfg, state):
     """Fit one plan per method on the fit texts (evaluate.fit_plans), steer held-out English prompts toward
     the target (de, else the first other language) over a strength sweep (evaluate.evaluate), and make one
     row per method from its best setting."""
-    from . import evaluate as E
+    from ..evaluation import evaluate as E
     if "en" not in fit or not is_parallel(fit):
         return [claims.make_row("Steering", "", "undecided: needs a parallel corpus with en", None, {})]
     target = cfg.get("steer_target") or ("de" if "de" in fit else next(x for x in fit if x != "en"))
@@ -292,7 +292,7 @@ def steering_eval(steerer, tok, fit, ev, cfg, state):
 def measure_steering(steerer, tok, fit, ev, cfg, state, eval_fn=None):
     if eval_fn is None:
         try:
-            from . import evaluate  # noqa: F401 (analysis/evaluate.py, issue 12 part 2)
+            from ..evaluation import evaluate# noqa: F401 (analysis/evaluate.py, issue 12 part 2)
         except ImportError:
             return [claims.make_row("Steering", "steering switches the output language to the target",
                                     "not measured: analysis/evaluate.py is not available", None, {})]

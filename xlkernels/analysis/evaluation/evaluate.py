@@ -5,7 +5,7 @@ from the prompts with no steering and with every plan at every strength, and mea
 - target_rate / source_rate / unknown_rate: fractions of generations that analysis.langid identifies as the
   target language, the source language, or cannot identify ("unknown"; the rest is another language);
 - nll: fluency, the mean NLL of the generated tokens under the UNSTEERED model (chunked lm_head, no full
-  logits: heads.token_nll), token-weighted over all generations; nll_delta = nll - the unsteered row's;
+  logits: tokens.token_nll), token-weighted over all generations; nll_delta = nll - the unsteered row's;
 - repetition: the mean over generations (>= 3 tokens) of the fraction of token 3-grams that already occurred
   earlier in the same generation (0 = none repeats; a loop of one token gives ~1);
 - tokens_per_s: generated tokens / seconds spent generating (steering set-up and INCLINE's clean pass included).
@@ -34,10 +34,10 @@ import math
 import torch
 
 from . import langid
-from .eval_report import STRENGTH_NAME, plot, save, to_markdown  # noqa: F401 (this module's API)
+from ..neurons.forcing import NeuronForcing, load_plan  # noqa: F401 (this module's API)
 from .fit import FIT_METHODS, fit_plans  # noqa: F401
-from .forcing import NeuronForcing, load_plan  # noqa: F401
 from .generation import generate, generated_nll, repetition_rate, steerer_of  # noqa: F401
+from .report import STRENGTH_NAME, plot, save, to_markdown  # noqa: F401
 
 METHODS = ("shift", "itlc", "incline", "forcing", "gate", "neurons")
 DEFAULT_STRENGTHS = {"shift": (1.0, 2.0, 4.0, 8.0, 16.0), "itlc": (0.5, 1.0, 2.0, 4.0, 8.0),
@@ -183,7 +183,7 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
         if isinstance(plan, NeuronForcing):
             plan.validate(steerer.num_layers, steerer.num_neurons)
         else:
-            from .plan import model_dims
+            from ..steering.plan import model_dims
             plan.validate(model_dims(steerer))
             if plan.shift is not None and plan.shift.dim() == 4 and target not in plan.languages:
                 raise ValueError(f"plan {name!r}: target {target!r} is not in its shift bank {plan.languages}")
@@ -196,7 +196,7 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
     rows = []
     it = work
     if progress:
-        from .heads import _progress
+        from ..tokens import _progress
         it = _progress(work, True, total=len(work), desc="eval")
     steerer.reset()
     for name, plan, m, s in it:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .heads import sequence_nll, token_budget
-from .neurons import _check_corpus, _input_device, _pad_id, _steerer, as_layer_dict
+from ..tokens import sequence_nll, token_budget
+from .stats import _check_corpus, _input_device, _pad_id, _steerer
+from .select import as_layer_dict
 
 
 def _encode(tokenizer, corpus: dict, max_length: int):
@@ -52,9 +53,9 @@ def language_nll(model, tokenizer, corpus: dict, batch_size: int = 4, max_length
     each text is not predicted). `model`: an HF causal LM (patched or not) or a Steerer (its current
     interventions apply).
 
-    Batching: texts sorted by length share a batch up to a padded-token budget (heads.token_budget:
+    Batching: texts sorted by length share a batch up to a padded-token budget (tokens.token_budget:
     `max_tokens`, else batch_size x max_length, on a CPU at most 512), so short texts fill a batch and little
-    padding is computed; the LM head runs in chunks on the predicted positions only (heads.sequence_nll), no
+    padding is computed; the LM head runs in chunks on the predicted positions only (tokens.sequence_nll), no
     (B, T, V) logits."""
     _check_corpus(corpus)
     _check_batching(batch_size, max_length, max_tokens)

@@ -77,7 +77,7 @@ class NeuronForcing:
 
 def load_plan(path, model=None):
     """A SteeringPlan or a NeuronForcing from disk (whichever the file holds)."""
-    from .plan import SteeringPlan
+    from ..steering.plan import SteeringPlan
     p = Path(path)
     if (p.is_dir() and (p / "forcing.safetensors").exists()) or p.name.endswith("forcing.safetensors"):
         return NeuronForcing.load(p)

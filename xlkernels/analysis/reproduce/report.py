@@ -32,7 +32,7 @@ def print_summary(rows, file=None):
 
 
 def _matrix_plot(m, rows, cols, path, title, label, ylabel):
-    from .plots import _plt, _save
+    from ..plots import _plt, _save
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.9 * len(rows) + 1.2), layout="constrained")
     t = torch.as_tensor(m, dtype=torch.float64)
@@ -51,7 +51,7 @@ def _matrix_plot(m, rows, cols, path, title, label, ylabel):
 
 
 def _plots(report, out) -> list:
-    from .plots import layer_curves, neuron_counts
+    from ..plots import layer_curves, neuron_counts
     made = []
     rows = {r["claim"]: r for r in report["rows"]}
     lape = next((r for r in report["rows"] if r["claim"].startswith("LAPE: language neurons are")), None)
@@ -100,7 +100,7 @@ def write_report(report: dict, out) -> list:
     lines += [f"![{p}]({p})" for p in plots]
     res = report.get("plots_data", {}).get("eval")
     if res is not None:
-        from . import evaluate as E
+        from ..evaluation import evaluate as E
         E.save(res, out, title=f"{report['model']}: steering {res['source']} -> {res['target']}")
         lines += ["", f"## Steering sweep ({res['source']} -> {res['target']}, {len(res['prompts'])} held-out "
                   f"prompts, {res['max_new_tokens']} new tokens; eval.json has every generation)", "",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .forcing import NeuronForcing
+from ..neurons.forcing import NeuronForcing
 from .generation import steerer_of
 
 
@@ -24,10 +24,10 @@ def fit_plans(model, tokenizer, corpus: dict, source: str, target: str, methods=
     - "incline": SteeringPlan with INCLINE maps fitted from the source's to the target's representations
       (the paper maps a language to English), sigma 0.3.
     Use held-out prompts for evaluate(). Returns {method: plan} in `methods` order."""
-    from . import heads as hd
-    from . import neurons as N
-    from . import shift as sh
-    from .plan import SteeringPlan, model_meta
+    from .. import heads as hd
+    from .. import neurons as N
+    from ..steering import shift as sh
+    from ..steering.plan import SteeringPlan, model_meta
     bad = [m for m in methods if m not in FIT_METHODS]
     if bad:
         raise ValueError(f"methods {bad} are not among {FIT_METHODS}")
@@ -84,13 +84,13 @@ def fit_plans(model, tokenizer, corpus: dict, source: str, target: str, methods=
             gate[i // H, i % H] = 0.0
         plans["lahis"] = SteeringPlan(gate=gate, meta=dict(meta, method="lahis-gate"))
     if "itlc" in methods:
-        from .itlc import ITLC
+        from ..steering.itlc import ITLC
         L = steerer.num_layers
         it = ITLC.fit(hf, tokenizer, corpus, layer=L // 2 if layer is None else layer, batch_size=batch_size,
                       max_length=max_length)
         plans["itlc"] = SteeringPlan(itlc=it, itlc_alpha=1.0, meta=dict(meta, method="itlc"))
     if "incline" in methods:
-        from .incline import INCLINE
+        from ..steering.incline import INCLINE
         inc = INCLINE.fit(hf, tokenizer, corpus[source], corpus[target], n=len(corpus[source]),
                           batch_size=batch_size, max_length=max_length, src=source)
         plans["incline"] = SteeringPlan(incline=inc, sigma=0.3, meta=dict(meta, method="incline"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .heads import _progress, encode, pad_id_of, pad_right
+from ..tokens import _progress, encode, pad_id_of, pad_right
 
 POSITIONS = ("last", "mean")
 PROBES = ("logistic", "centroid")

@@ -1,7 +1,7 @@
 """Data-parallel corpus statistics under torchrun: every rank runs its share of the batches (the same batches
 one process would run, so the reduced statistics equal the single-process ones), then NeuronStats.all_reduce.
 
-    torchrun --nproc_per_node 2 -m xlkernels.analysis.distributed --tiny llama --out stats.safetensors
+    torchrun --nproc_per_node 2 -m xlkernels.analysis.neurons.distributed --tiny llama --out stats.safetensors
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from .neurons import collect_stats
+from .stats import collect_stats
 
 
 def reduce_device(group=None) -> torch.device:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     import xlkernels
     from xlkernels.analysis.data import parallel_corpus
-    p = argparse.ArgumentParser(prog="python -m xlkernels.analysis.distributed",
+    p = argparse.ArgumentParser(prog="python -m xlkernels.analysis.neurons.distributed",
                                 description="per-language neuron statistics, data parallel (run under torchrun)")
     p.add_argument("--model", default=None, help="local model path or .gguf (default: the embedded model)")
     p.add_argument("--tiny", default=None, metavar="ARCH", help="random tiny model of ARCH (tests)")

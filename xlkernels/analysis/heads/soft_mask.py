@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .heads import _progress, frozen, pad_id_of, token_nll, top_k_heads
+from ..tokens import _progress, frozen, pad_id_of, token_nll
+from .lahis import top_k_heads
 
 
 @dataclass

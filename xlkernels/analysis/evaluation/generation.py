@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .heads import pad_id_of, token_nll
+from ..tokens import pad_id_of, token_nll
 
 
 def steerer_of(model):
