@@ -177,17 +177,18 @@ class NeuronStats:
 
     @classmethod
     def load(cls, path, device="cpu") -> "NeuronStats":
-        """Read a file written by `save`; shapes and dtypes are validated."""
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a NeuronStats file (format={meta.get('format')!r})")
-            keys = set(f.keys())
-            if keys != set(FIELDS):
-                raise ValueError(f"{path} holds tensors {sorted(keys)}, expected {sorted(FIELDS)}")
-            tensors = {k: f.get_tensor(k) for k in FIELDS}
-        stats = cls(**tensors)
+        """Read a file written by `save`; shapes and dtypes are validated. A missing, corrupt or foreign file
+        raises xlkernels.files.FileError (a ValueError) naming it."""
+        from .files import FileError, read_safetensors
+        meta, tensors = read_safetensors(path, keys=FIELDS)
+        if meta.get("format") != _FORMAT:
+            raise FileError(path, f"not a NeuronStats file (format={meta.get('format')!r})")
+        if set(tensors) != set(FIELDS):
+            raise FileError(path, f"holds tensors {sorted(tensors)}, expected {sorted(FIELDS)}")
+        try:
+            stats = cls(**tensors)
+        except (ValueError, TypeError) as e:
+            raise FileError(path, f"malformed NeuronStats ({e})") from None
         _canonical_nan_(stats.max)  # files from other writers may hold x86's negative NaN
         return stats.to(device) if torch.device(device) != stats.device else stats
 

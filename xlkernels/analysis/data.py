@@ -10,6 +10,7 @@ import csv
 import functools
 import gettext
 import html
+import io
 import json
 import os
 import re
@@ -168,20 +169,28 @@ def parallel_corpus(langs=None, n=None) -> dict:
     return out
 
 
+def _tsv_rows(reader, path):
+    from xlkernels.files import FileError
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise FileError(path, f"not valid TSV ({e})", line=reader.line_num) from None
+
+
 def load_texts(path, lang=None):
     """Read texts from a file: JSONL ({"text": ..., "lang": ...} per line), TSV (lang<TAB>text, or one
     column of text) or plain text (one text per line; blank lines skipped).
 
     With `lang` given: a list of that language's texts (files without language tags are returned whole).
     Without `lang`: a dict {lang: [texts]} if the file names languages, else a list of texts.
-    Raises FileNotFoundError / ValueError naming the file and the missing language or the empty corpus.
+    Raises xlkernels.files.FileError (a ValueError; MissingFileError is also a FileNotFoundError) naming
+    the file, and the line where it applies: missing, binary, not UTF-8, bad JSON, empty, language absent.
     """
+    from xlkernels.files import FileError, read_text
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file not found: {path}")
     lower = path.lower()
     rows = []   # (lang or None, text)
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline=None) as f:
         if lower.endswith((".jsonl", ".json")):
             for i, line in enumerate(f, 1):
                 if not line.strip():
@@ -189,16 +198,18 @@ def load_texts(path, lang=None):
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    raise FileError(path, f"not valid JSON ({e.msg})", line=i) from None
                 if isinstance(obj, str):
                     rows.append((None, obj))
-                elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                elif isinstance(obj, dict) and isinstance(obj.get("text"), str) \
+                        and (obj.get("lang") is None or isinstance(obj["lang"], str)):
                     rows.append((obj.get("lang"), obj["text"]))
                 else:
-                    raise ValueError(f"{path}:{i}: expected an object with a string \"text\" field")
+                    raise FileError(path, "expected an object with a string \"text\" (and \"lang\") field",
+                                    line=i)
         elif lower.endswith(".tsv"):
-            for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-                cols = [c for c in cols]
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for i, cols in enumerate(_tsv_rows(reader, path), 1):
                 if not cols or not any(c.strip() for c in cols):
                     continue
                 if len(cols) == 1:
@@ -206,12 +217,12 @@ def load_texts(path, lang=None):
                 elif len(cols) == 2:
                     rows.append((cols[0].strip() or None, cols[1]))
                 else:
-                    raise ValueError(f"{path}:{i}: expected 1 or 2 tab-separated columns, got {len(cols)}")
+                    raise FileError(path, f"expected 1 or 2 tab-separated columns, got {len(cols)}", line=i)
         else:
             rows = [(None, line.rstrip("\n")) for line in f if line.strip()]
     rows = [(lg, t.strip()) for lg, t in rows if t.strip()]
     if not rows:
-        raise ValueError(f"{path} holds no texts (empty corpus)")
+        raise FileError(path, "holds no texts (empty corpus)")
     tagged = any(lg is not None for lg, _ in rows)
     if not tagged:
         return [t for _, t in rows]
@@ -220,6 +231,6 @@ def load_texts(path, lang=None):
         by_lang.setdefault(lg if lg is not None else "", []).append(t)
     if lang is not None:
         if lang not in by_lang:
-            raise ValueError(f"{path} has no texts for language {lang!r}; it has: {', '.join(sorted(by_lang))}")
+            raise FileError(path, f"has no texts for language {lang!r}; it has: {', '.join(sorted(by_lang))}")
         return by_lang[lang]
     return by_lang

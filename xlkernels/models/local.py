@@ -11,24 +11,47 @@ NO_NETWORK = ("xlkernels never downloads models (no network is used). Pass a loc
               "the embedded default model (Gemma-3-270M).")
 
 
-def _resolve(path):
-    """-> (directory, gguf file name or None)."""
+def resolve_path(path):
+    """-> (directory, gguf file name or None). A missing, empty or corrupt path raises
+    xlkernels.files.FileError (MissingFileError, a FileNotFoundError, when it does not exist)."""
+    from xlkernels.files import FileError, MissingFileError, read_json
     p = Path(os.path.expanduser(os.fspath(path)))
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ValueError(f"model path {str(p)!r} is a file but not a .gguf file; pass a model directory "
-                             "or a .gguf file")
+            raise FileError(p, "a file but not a .gguf file; pass a model directory or a .gguf file")
+        _check_gguf(p)
         return p.parent, p.name
     if p.is_dir():
         if (p / "config.json").is_file():
+            if not isinstance(read_json(p / "config.json"), dict):
+                raise FileError(p / "config.json", "not a JSON object (a model config)")
             return p, None
         ggufs = sorted(q.name for q in p.glob("*.gguf"))
         if len(ggufs) == 1:
+            _check_gguf(p / ggufs[0])
             return p, ggufs[0]
         what = f"several .gguf files ({', '.join(ggufs)}); pass one of them" if ggufs else \
             "no config.json and no .gguf file"
-        raise ValueError(f"model directory {str(p)!r} has {what}")
-    raise FileNotFoundError(f"model path {str(path)!r} does not exist. {NO_NETWORK}")
+        raise FileError(p, f"model directory has {what}")
+    raise MissingFileError(path, f"model path does not exist. {NO_NETWORK}")
+
+
+def _check_gguf(path):
+    """Raise FileError unless `path` starts like a GGUF file and its header and tensor table are whole."""
+    from xlkernels.files import FileError, check_file
+    check_file(path, empty_ok=False)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise FileError(path, f"not a GGUF file (starts with {head!r}, not b'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    try:
+        GGUFReader(os.fspath(path))
+    except Exception as e:   # the reader's numpy views fail on a truncated file
+        raise FileError(path, f"truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
 
 def prepare_tokenizer(tok):
@@ -48,7 +71,7 @@ def load_model(path, dtype=torch.float32, device="cpu", device_map=None, tokeniz
     The model is returned in eval mode; the tokenizer gets a pad token (eos) if it has none.
     """
     from transformers import AutoTokenizer
-    directory, gguf = _resolve(path)
+    directory, gguf = resolve_path(path)
     kw = {"local_files_only": True}
     if gguf:
         kw["gguf_file"] = gguf

@@ -62,17 +62,20 @@ class NeuronForcing:
 
     @classmethod
     def load(cls, path) -> "NeuronForcing":
-        from safetensors import safe_open
+        """Read a forcing plan (a directory holding forcing.safetensors, or the file); a missing, corrupt or
+        foreign file raises xlkernels.files.FileError naming it."""
+        from xlkernels.files import FileError, json_field, read_safetensors
         p = Path(path)
         p = p / "forcing.safetensors" if p.is_dir() else p
-        with safe_open(str(p), framework="pt") as f:
-            raw = (f.metadata() or {}).get("xlkernels_forcing")
-            if raw is None:
-                raise ValueError(f"{p} is not an xlkernels neuron forcing plan")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw)
-        part = lambda pre: {int(k.split(".", 1)[1]): v for k, v in t.items() if k.startswith(pre + ".")}  # noqa: E731
-        return cls(part("off"), part("on"), part("values"), float(meta.pop("scale", 1.0)), meta)
+        raw, t = read_safetensors(p)
+        if "xlkernels_forcing" not in raw:
+            raise FileError(p, "not an xlkernels neuron forcing plan (no 'xlkernels_forcing' metadata)")
+        meta = json_field(p, raw, "xlkernels_forcing")
+        try:
+            part = lambda pre: {int(k.split(".", 1)[1]): v for k, v in t.items() if k.startswith(pre + ".")}  # noqa: E731
+            return cls(part("off"), part("on"), part("values"), float(meta.pop("scale", 1.0)), meta)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise FileError(p, f"malformed neuron forcing plan ({e})") from None
 
 
 def load_plan(path, model=None):

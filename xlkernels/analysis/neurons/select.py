@@ -242,14 +242,21 @@ def neuron_sets_tensors(prefix: str, sets: list, langs: list) -> dict:
 
 def load_neuron_sets(path: str, prefix: str = "lape") -> dict:
     """Read back {lang: list[L] LongTensor} written by `xlkernels neurons` (neurons.safetensors)."""
-    from safetensors.torch import load_file
-    flat = load_file(path)
+    from xlkernels.files import FileError, read_safetensors
+    _, flat = read_safetensors(path)
     out: dict[str, dict[int, torch.Tensor]] = {}
     for key, v in flat.items():
         if not key.startswith(prefix + ".") or key.count(".") < 2:
             continue
         lang, l = key[len(prefix) + 1:].rsplit(".", 1)
+        if not l.isdigit():
+            raise FileError(path, f"tensor {key!r} does not end in a layer number")
         out.setdefault(lang, {})[int(l)] = v
+    if not out:
+        raise FileError(path, f"holds no '{prefix}.<lang>.<layer>' neuron sets (not a neurons.safetensors?)")
+    for lang, d in out.items():
+        if sorted(d) != list(range(len(d))):
+            raise FileError(path, f"{prefix}.{lang}: layers {sorted(d)} are not 0..{len(d) - 1}")
     return {lang: [d[i] for i in range(len(d))] for lang, d in out.items()}
 
 

@@ -78,11 +78,12 @@ class INCLINE:
 
     @classmethod
     def load(cls, path):
-        from safetensors import safe_open
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata()
-            W = f.get_tensor("W")
-        return cls(W, meta["site"], meta["src"] or None)
+        from xlkernels.files import FileError, read_safetensors
+        meta, t = read_safetensors(path, keys=("W",))
+        try:
+            return cls(t["W"], meta["site"], meta["src"] or None)
+        except (KeyError, ValueError, TypeError) as e:
+            raise FileError(path, f"not an INCLINE file ({type(e).__name__}: {e})") from None
 
 
 def select_sigma(score_fn, grid=SIGMA_GRID):

@@ -196,10 +196,11 @@ class ITLC:
 
     @classmethod
     def load(cls, path):
-        from safetensors import safe_open
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in cls._TENSORS}
-        t["active"] = t["active"].bool()
-        return cls(json.loads(meta["langs"]), int(meta["layer"]), accuracy=float(meta["accuracy"]),
-                   threshold=float(meta["threshold"]), **t)
+        from xlkernels.files import FileError, read_safetensors
+        meta, t = read_safetensors(path, keys=cls._TENSORS)
+        try:
+            t["active"] = t["active"].bool()
+            return cls(json.loads(meta["langs"]), int(meta["layer"]), accuracy=float(meta["accuracy"]),
+                       threshold=float(meta["threshold"]), **t)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise FileError(path, f"not an ITLC file ({type(e).__name__}: {e})") from None

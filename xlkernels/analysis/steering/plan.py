@@ -154,19 +154,44 @@ class SteeringPlan:
 
     @classmethod
     def load(cls, path, model=None) -> "SteeringPlan":
-        """Read a plan; with `model` (Steerer or HF model) check it fits that model."""
-        from safetensors import safe_open
-        st, _ = _paths(path)
+        """Read a plan; with `model` (Steerer or HF model) check it fits that model. A missing, corrupt or
+        foreign file raises xlkernels.files.FileError naming it; a plan for another model, ValueError."""
+        from xlkernels.files import FileError, MissingFileError, json_field, read_safetensors
+        try:
+            st, _ = _paths(path)
+        except ValueError:
+            raise FileError(path, "not a steering plan: expected a directory or a .safetensors/.json file") from None
         if not st.exists():
-            raise FileNotFoundError(f"no steering plan at {st}")
-        with safe_open(str(st), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            if raw is None:
-                raise ValueError(f"{st} is not an xlkernels steering plan (no '{_META_KEY}' metadata)")
-            meta = json.loads(raw)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-            raise ValueError(f"{st}: unsupported plan format {meta.get('format')!r} v{meta.get('version')}")
+            if not Path(path).exists():
+                raise MissingFileError(path, "no such file or directory")
+            if Path(path).is_dir():
+                raise MissingFileError(st, "no such file: no steering plan in this directory")
+            raise FileError(path, f"not a steering plan: its tensors {st.name} are not beside it")
+        raw, tensors = read_safetensors(st)
+        if _META_KEY not in raw:
+            raise FileError(st, f"not an xlkernels steering plan (no '{_META_KEY}' metadata; "
+                                f"tensors {sorted(tensors)[:4]})")
+        meta = json_field(st, raw, _META_KEY)
+        try:
+            plan = cls._from_file(meta, tensors, st)
+            plan.validate()
+        except FileError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            raise FileError(st, f"malformed steering plan ({str(e).removeprefix(f'{st}: ')})") from None
+        if model is not None:
+            try:
+                plan.validate(model_dims(model))
+            except ValueError as e:
+                raise ValueError(f"{st}: {e}") from None
+        return plan
+
+    @classmethod
+    def _from_file(cls, meta, tensors, st):
+        from xlkernels.files import FileError
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise FileError(st, f"unsupported plan format {got!r}")
         neurons = {int(k.split(".", 1)[1]): v.long() for k, v in tensors.items() if k.startswith("neurons.")}
         keep = {k: meta[k] for k in meta if k not in ("format", "version", "alpha", "languages", "has_gate",
                                                       "shift", "neuron_layers", "itlc", "incline")}
@@ -181,7 +206,6 @@ class SteeringPlan:
                 raise ValueError(f"{st}: the metadata names an incline section but the tensor incline.W is missing")
             plan.incline = INCLINE(tensors["incline.W"], m.get("site", "block"), m.get("src"))
             plan.sigma = float(m.get("sigma", 0.3))
-        plan.validate(model_dims(model) if model is not None else None)
         return plan
 
     # ------------------------------------------------------------------------------ use
