@@ -190,7 +190,7 @@ def test_cli_align_errors(tmp_path, capsys):
     assert "pooling" in capsys.readouterr().err
     assert main(["align", "--tiny", "llama", "--langs", "en,xx", "--json", str(tmp_path / "x.json")]) == 1
     assert "'xx'" in capsys.readouterr().err
-    assert main(["align", "--model", "google/gemma-3-270m", "--json", str(tmp_path / "x.json")]) == 1
+    assert main(["align", "--model", "google/gemma-3-270m", "--json", str(tmp_path / "x.json")]) == 2
     assert "no network" in capsys.readouterr().err
 
 

@@ -71,8 +71,8 @@ def test_shift_then_steer(tmp_path, capsys):
     assert "--target-lang" in capsys.readouterr().err
     assert main(["steer", *TINY, "--plan", str(out), "--target-lang", "ja", "--prompt", "x"]) == 1
     assert "ja" in capsys.readouterr().err
-    assert main(["steer", *TINY, "--plan", str(tmp_path / "nope"), "--prompt", "x"]) == 1
-    assert "no steering plan" in capsys.readouterr().err
+    assert main(["steer", *TINY, "--plan", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert f"--plan {tmp_path / 'nope'}: no such file" in capsys.readouterr().err
 
 
 def test_errors(tmp_path, capsys):
@@ -123,7 +123,8 @@ def test_heads_train_mask(tmp_path, capsys):
     assert s2["soft_mask"]["lang"] == "en" and s2["scores_from"] and s2["n"] is None
     capsys.readouterr()
     qa.write_text('{"prompt": "x"}\n')
-    assert main(["heads", *TINY, "--n", "2", "--train-mask", str(qa), "--out", str(out)]) == 1
-    assert f"{qa}:1" in capsys.readouterr().err
+    assert main(["heads", *TINY, "--n", "2", "--train-mask", str(qa), "--out", str(out)]) == 2
+    assert f"--train-mask {qa}:1" in capsys.readouterr().err
+    qa.write_text('{"prompt": "x", "answer": "y"}\n')
     assert main(["heads", *TINY, "--n", "2", "--train-mask", str(qa), "--epochs", "0", "--out", str(out)]) == 1
     assert "--epochs" in capsys.readouterr().err

@@ -1,10 +1,12 @@
 """`xlkernels align`: cross-lingual alignment per layer (MEXA, and ANC) against a pivot language."""
 import json
-import os
 import sys
 import time
 
-from ._common import add_model_arguments, load_model_from_args, load_text_files
+from xlkernels.files import atomic_path
+
+from ._common import add_corpus_arguments, add_model_arguments, corpus_from_args, load_model_from_args
+from ._files import file_option
 
 HELP = "cross-lingual alignment per layer: MEXA (mutual nearest-neighbour retrieval) and ANC vs a pivot"
 EXAMPLES = """\
@@ -23,9 +25,7 @@ def add_arguments(p):
     d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus, pivot "
                    "included (default: en,de,fr,es,ru,zh_Hans,ja,ar)")
     d.add_argument("--n", type=int, default=100, help="parallel sentences per language (default 100, as MEXA)")
-    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
-                   help="your own parallel texts for LANG (JSONL/TSV/plain; line i of every file must be "
-                        "the same sentence; repeatable; replaces the embedded corpus)")
+    add_corpus_arguments(d, note="; PARALLEL: text i is the same sentence in every language")
     d.add_argument("--pivot", default="en", help="pivot language (default en)")
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-length", type=int, default=512)
@@ -34,19 +34,22 @@ def add_arguments(p):
                    help="comma-separated poolings: weighted (MEXA default, w_t = t), last, mean")
     m.add_argument("--no-anc", action="store_true", help="skip ANC")
     o = p.add_argument_group("output")
-    o.add_argument("--json", default="align.json", metavar="PATH", help="result JSON (default align.json)")
-    o.add_argument("--plot", default="align.png", metavar="PATH", help="MEXA per-layer plot (default align.png)")
+    file_option(o, "--json", kind="out-file", default="align.json", metavar="PATH",
+                help="result JSON (default align.json)")
+    file_option(o, "--plot", kind="out-file", default="align.png", metavar="PATH",
+                help="MEXA per-layer plot (default align.png)")
     o.add_argument("--no-plot", action="store_true")
+    o.add_argument("--force", action="store_true", help="replace an existing --json / --plot file")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _corpus(args):
     from xlkernels.analysis.data import LANGS_DEFAULT, parallel_corpus
-    if args.texts:
-        corpus = load_text_files(args.texts, args.n)
+    corpus = corpus_from_args(args, args.n)
+    if corpus is not None:
         sizes = {l: len(t) for l, t in corpus.items()}
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"--texts files are not parallel (texts per language: {sizes})")
+            raise ValueError(f"--corpus / --texts are not parallel (texts per language: {sizes})")
         return corpus
     langs = [x for x in args.langs.split(",") if x] if args.langs else list(LANGS_DEFAULT)
     if args.pivot not in langs:
@@ -72,9 +75,7 @@ def run(args) -> int:
     res = align.mexa(model, tok, corpus, pivot=args.pivot, poolings=poolings, anc=not args.no_anc,
                      batch_size=args.batch_size, max_length=args.max_length, progress=progress)
     res.update(model=name, seconds={"load": round(t_load, 2), "metrics": round(time.perf_counter() - t0, 2)})
-    parent = os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(parent, exist_ok=True)
-    with open(args.json, "w") as f:
+    with atomic_path(args.json) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     p0 = poolings[0]
     print(f"{name}: MEXA vs {args.pivot}, n={res['n']}, {res['num_layers']} layers (0 = embeddings)")
@@ -88,6 +89,7 @@ def run(args) -> int:
         print(row)
     print(f"wrote {args.json}", file=sys.stderr)
     if not args.no_plot:
-        plots.mexa_curve(res, args.plot, pooling=p0, title=f"{name}: MEXA per layer ({p0} pooling)")
+        with atomic_path(args.plot) as tmp:
+            plots.mexa_curve(res, tmp, pooling=p0, title=f"{name}: MEXA per layer ({p0} pooling)")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

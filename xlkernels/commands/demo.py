@@ -9,7 +9,9 @@ import traceback
 
 import torch
 
-from ._common import add_model_arguments, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_model_arguments, add_out_argument, load_model_from_args
 
 HELP = ("run the full pipeline on the embedded model: language heads, language neurons, steered generation "
         "(about 5-10 minutes on a laptop CPU, the first run included)")
@@ -35,7 +37,7 @@ def add_arguments(p):
                    "on Gemma-3-270M it does not switch the language, the neuron intervention does)")
     p.add_argument("--alpha", type=float, default=None, help="shift-bank strength for --shift (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per prompt (default 16)")
-    p.add_argument("--out", default="xlk_demo", help="output directory (default ./xlk_demo)")
+    add_out_argument(p, "xlk_demo")
     p.add_argument("--no-claims", action="store_true", help="skip step 4 (the papers' claims, `xlkernels reproduce`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -196,7 +198,7 @@ def step_claims(steerer, tok, corpus, out, quick, summary):
                         steps=("neurons", "heads", "soft_mask", "mexa"), log=lambda *a, **k: None)
     steerer.reset()
     reproduce.print_summary(rep["rows"])
-    print(f"report: {os.path.join(out, 'claims', 'report.md')}; the full run with the steering rows: "
+    print("report: claims/report.md in --out; the full run with the steering rows: "
           "`xlkernels reproduce`")
     summary["claims"] = [{k: r.get(k) for k in ("claim", "measured", "holds")} for r in rep["rows"]]
     if rep.get("errors"):
@@ -205,44 +207,12 @@ def step_claims(steerer, tok, corpus, out, quick, summary):
 
 
 def run(args) -> int:
-    import xlkernels
-    from xlkernels.analysis.data import parallel_corpus
     langs, n = _settings(args)
-    progress = not args.no_progress
-    prompts = args.prompt or PROMPTS
-    alpha = 4.0 if args.alpha is None else args.alpha
-    max_new = args.max_new_tokens or (12 if args.quick else 16)
-    os.makedirs(args.out, exist_ok=True)
-    rep = Report()
-    summary = {"settings": {"langs": langs, "n": n, "quick": args.quick, "target": args.target}}
-    print("xlkernels demo: language heads, language neurons and steering on one model")
-    loaded = rep.step("model", lambda: load_model_from_args(args, progress))
-    if loaded is None:
-        print("\nthe model could not be loaded; nothing else to do")
+    with staged_dir(args.out) as out:   # every file lands whole in --out at the end
+        done = _pipeline(args, out, langs, n)
+    if done is None:
         return 1
-    model, tok, name = loaded
-    steerer = xlkernels.patch(model)
-    print(f"model {name}: {steerer.num_layers} layers, {steerer.num_heads} heads, {steerer.num_neurons} FFN neurons "
-          f"per layer; device {model.get_input_embeddings().weight.device}")
-    corpus = parallel_corpus(langs, n)
-    print(f"corpus: embedded Django translations, {n} parallel texts per language: {', '.join(langs)}")
-    summary["model"] = name
-    # LAHIS backpropagates through the 262k-token LM head: the costliest step, so it gets fewer texts
-    rep.step("1. language attention heads (LAHIS)", step_heads, steerer, tok, corpus, args.out, progress, summary,
-             min(n, 8 if args.quick else 12))
-    neurons = rep.step("2. language neurons (LAPE, specific / related / general)", step_neurons, steerer, tok,
-                       corpus, args.out, progress, summary)
-    rep.step(f"3. steering English prompts toward {args.target}", step_steer, steerer, tok, corpus, prompts,
-             args.target, alpha, max_new, progress, neurons[:2] if neurons else None, summary, args.shift)
-    steerer.reset()
-    if not args.no_claims:
-        rep.step("4. do the papers' claims hold on this model? (xlkernels reproduce)", step_claims, steerer, tok,
-                 corpus, args.out, args.quick, summary)
-    total = time.perf_counter() - rep.t0
-    summary["seconds"] = round(total, 1)
-    summary["failed"] = [f"{t}: {e}" for t, e in rep.failed]
-    with open(os.path.join(args.out, "demo.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+    rep, total = done
     print("\n== artifacts " + "=" * 60)
     for fn in ("heads.png", "neurons.png", "neuron_stats.safetensors", "demo.json"):
         path = os.path.join(args.out, fn)
@@ -251,3 +221,44 @@ def run(args) -> int:
     print(f"done in {total:.0f} s" + (f"; {len(rep.failed)} step(s) FAILED: " +
                                      "; ".join(t for t, _ in rep.failed) if rep.failed else ""))
     return 1 if rep.failed else 0
+
+
+def _pipeline(args, out, langs, n):
+    """Steps 1-4 writing into `out`; (Report, seconds), or None if the model could not be loaded."""
+    import xlkernels
+    from xlkernels.analysis.data import parallel_corpus
+    progress = not args.no_progress
+    prompts = args.prompt or PROMPTS
+    alpha = 4.0 if args.alpha is None else args.alpha
+    max_new = args.max_new_tokens or (12 if args.quick else 16)
+    rep = Report()
+    summary = {"settings": {"langs": langs, "n": n, "quick": args.quick, "target": args.target}}
+    print("xlkernels demo: language heads, language neurons and steering on one model")
+    loaded = rep.step("model", lambda: load_model_from_args(args, progress))
+    if loaded is None:
+        print("\nthe model could not be loaded; nothing else to do")
+        return None
+    model, tok, name = loaded
+    steerer = xlkernels.patch(model)
+    print(f"model {name}: {steerer.num_layers} layers, {steerer.num_heads} heads, {steerer.num_neurons} FFN neurons "
+          f"per layer; device {model.get_input_embeddings().weight.device}")
+    corpus = parallel_corpus(langs, n)
+    print(f"corpus: embedded Django translations, {n} parallel texts per language: {', '.join(langs)}")
+    summary["model"] = name
+    # LAHIS backpropagates through the 262k-token LM head: the costliest step, so it gets fewer texts
+    rep.step("1. language attention heads (LAHIS)", step_heads, steerer, tok, corpus, out, progress, summary,
+             min(n, 8 if args.quick else 12))
+    neurons = rep.step("2. language neurons (LAPE, specific / related / general)", step_neurons, steerer, tok,
+                       corpus, out, progress, summary)
+    rep.step(f"3. steering English prompts toward {args.target}", step_steer, steerer, tok, corpus, prompts,
+             args.target, alpha, max_new, progress, neurons[:2] if neurons else None, summary, args.shift)
+    steerer.reset()
+    if not args.no_claims:
+        rep.step("4. do the papers' claims hold on this model? (xlkernels reproduce)", step_claims, steerer, tok,
+                 corpus, out, args.quick, summary)
+    total = time.perf_counter() - rep.t0
+    summary["seconds"] = round(total, 1)
+    summary["failed"] = [f"{t}: {e}" for t, e in rep.failed]
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return rep, total

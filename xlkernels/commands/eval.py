@@ -4,7 +4,10 @@ import os
 import sys
 import time
 
-from ._common import add_model_arguments, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_corpus_arguments, add_model_arguments, add_out_argument, corpus_from_args, load_model_from_args
+from ._files import file_option
 
 HELP = ("evaluate steering plans on held-out prompts beside the unsteered model: target/source language rate, "
         "fluency (NLL under the unsteered model), repetition, tokens/s; sweeps the strength; JSON, Markdown, PNG")
@@ -26,7 +29,7 @@ per plan); fitted plans under plans/<method>/ (give them back with --plan).
 def add_arguments(p):
     add_model_arguments(p)
     s = p.add_argument_group("plans")
-    s.add_argument("--plan", action="append", default=[], metavar="NAME=PATH",
+    file_option(s, "--plan", kind="named-plan", action="append", default=[], metavar="NAME=PATH",
                    help="a saved plan (SteeringPlan directory/.safetensors or a LAPE forcing.safetensors); repeatable")
     s.add_argument("--fit", default=None, metavar="METHODS",
                    help="fit plans on the corpus: comma list of lape,deactivate,claim,lahis,itlc,incline or 'all'")
@@ -37,6 +40,7 @@ def add_arguments(p):
     d.add_argument("--source", default="en", help="the prompts' language (default en)")
     d.add_argument("--target", default="de", help="the language to steer toward (default de)")
     d.add_argument("--langs", default=None, help="corpus languages for --fit (default en,de,fr,es + source/target)")
+    add_corpus_arguments(d, note="; PARALLEL: text i is the same sentence in every language")
     d.add_argument("--n-fit", type=int, default=96, help="texts per language to fit on (default 96)")
     d.add_argument("--n-prompts", type=int, default=16, help="held-out source prompts, after the fit texts (default 16)")
     d.add_argument("--prompt", action="append", default=[], help="prompt text instead of held-out corpus texts")
@@ -48,7 +52,7 @@ def add_arguments(p):
     g.add_argument("--lid-langs", default=None, help="candidate languages for the language identifier "
                    "(default: all it knows)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="xlk_eval", help="output directory (default ./xlk_eval)")
+    add_out_argument(o, "xlk_eval")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,7 +113,10 @@ def run(args) -> int:
     if methods or not prompts:
         langs = args.langs.split(",") if args.langs else ["en", "de", "fr", "es"]
         langs += [x for x in (args.source, args.target) if x not in langs]
-        corpus = parallel_corpus(langs)
+        corpus = corpus_from_args(args) or parallel_corpus(langs)
+        missing = [x for x in (args.source, args.target) if x not in corpus]
+        if missing:
+            raise ValueError(f"--source/--target {missing} not among the corpus languages {list(corpus)}")
         need = args.n_fit + (0 if prompts else args.n_prompts)
         have = len(corpus[args.source])
         if need > have:
@@ -123,11 +130,13 @@ def run(args) -> int:
         print(f"fitting {', '.join(methods)} on {args.n_fit} texts of {', '.join(fit)} ({args.source} -> "
               f"{args.target})", file=sys.stderr)
         fitted = ev.fit_plans(steerer, tok, fit, args.source, args.target, methods, progress=progress)
-        for m, plan in fitted.items():
-            if m in plans:
-                raise ValueError(f"--plan name {m!r} clashes with a fitted method's name")
-            plan.save(os.path.join(args.out, "plans", m))
-            plans[m] = plan
+        clash = [m for m in fitted if m in plans]
+        if clash:
+            raise ValueError(f"--plan name {clash[0]!r} clashes with a fitted method's name")
+        with staged_dir(args.out) as out:
+            for m, plan in fitted.items():
+                plan.save(os.path.join(out, "plans", m))
+        plans.update(fitted)
     fit_s = time.perf_counter() - t0
     lid = args.lid_langs.split(",") if args.lid_langs else None
     print(f"model {name}; {len(prompts)} prompts ({args.source}), target {args.target}; plans: "
@@ -136,7 +145,8 @@ def run(args) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, lid_langs=lid,
                       steer_tokens=args.steer_tokens, progress=progress)
     res.update(model=name, fit_seconds=round(fit_s, 1), eval_seconds=round(time.perf_counter() - t0 - fit_s, 1))
-    paths = ev.save(res, args.out, title=f"{name}: {args.source} -> {args.target}, success vs fluency")
+    with staged_dir(args.out) as out:
+        ev.save(res, out, title=f"{name}: {args.source} -> {args.target}, success vs fluency")
     print(ev.to_markdown(res))
     best = ev.best(res)
     if best:
@@ -145,5 +155,5 @@ def run(args) -> int:
             st = "-" if r["strength"] is None else f"{ev.STRENGTH_NAME[r['method']]} {r['strength']:g}"
             print(f"  {k:<12} {st:<22} {args.target} {100 * r['target_rate']:.0f}%  NLL {r['nll']:.2f} "
                   f"({r['nll_delta']:+.2f})")
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    print(f"wrote {args.out}/eval.json, eval.md, eval.png")
     return 0

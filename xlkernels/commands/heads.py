@@ -1,4 +1,5 @@
 """`xlkernels heads`: LAHIS language attention head importance, language-specific and -general heads."""
+import io
 import json
 import os
 import sys
@@ -6,7 +7,10 @@ import time
 
 import torch
 
-from ._common import add_model_arguments, load_corpus, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_corpus_arguments, add_model_arguments, add_out_argument, load_corpus, load_model_from_args
+from ._files import file_option
 
 HELP = ("find language attention heads: LAHIS head importance per language (one forward+backward per batch), "
         "top 4 percent heads, language-general and language-specific heads")
@@ -33,8 +37,7 @@ def add_arguments(p):
     d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
                    "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
     d.add_argument("--n", type=int, default=100, help="texts per language (default 100; the paper uses 1000)")
-    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
-                   help="use your own texts for LANG (JSONL/TSV/plain, repeatable; replaces the embedded corpus)")
+    add_corpus_arguments(d)
     d.add_argument("--batch-size", type=int, default=8, help="texts per forward+backward (gradient mode)")
     d.add_argument("--max-length", type=int, default=128, help="tokens per text (the paper truncates at 2048)")
     a = p.add_argument_group("scores")
@@ -49,17 +52,17 @@ def add_arguments(p):
     m.add_argument("--mask-value", type=float, default=0.0,
                    help="gate value (0 = ablate, 3 = enhance; default 0; not with --train-mask)")
     m.add_argument("--mask-n", type=int, default=None, help="heads to set (default int(L*H*0.02), at least 1)")
-    m.add_argument("--scores", default=None, metavar="FILE", help="scores.safetensors of an earlier run: skip the "
-                   "LAHIS scan (no corpus or model forward for scores)")
+    file_option(m, "--scores", kind="scores", default=None, metavar="FILE", help="scores.safetensors of an earlier "
+                "run: skip the LAHIS scan (no corpus or model forward for scores)")
     t = p.add_argument_group("soft mask")
-    t.add_argument("--train-mask", default=None, metavar="FILE", help="train a soft head mask on JSONL "
-                   "{\"prompt\", \"answer\"} pairs (loss on answer tokens) and save it as the plan's gate")
+    file_option(t, "--train-mask", kind="pairs", default=None, metavar="FILE", help="train a soft head mask on "
+                "JSONL {\"prompt\", \"answer\"} pairs (loss on answer tokens) and save it as the plan's gate")
     t.add_argument("--mask-k", type=int, default=None, help="trainable heads (default int(L*H*0.02), at least 1)")
     t.add_argument("--epochs", type=int, default=2, help="passes over the pairs (default 2)")
     t.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2, weight decay 0.01)")
     t.add_argument("--mask-batch-size", type=int, default=1, help="pairs per step (default 1)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="xlk_heads", help="output directory (default ./xlk_heads)")
+    add_out_argument(o, "xlk_heads")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -80,22 +83,23 @@ def _check(args):
 
 
 def read_pairs(path):
-    """[(prompt, answer)] from a JSONL file of {"prompt": ..., "answer": ...} objects."""
+    """[(prompt, answer)] from a JSONL file of {"prompt": ..., "answer": ...} objects; FileError if not."""
+    from xlkernels.files import FileError, read_text
+    path = os.path.expanduser(path)
     pairs = []
-    with open(os.path.expanduser(path), encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--train-mask {path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("answer"), str) or not row["answer"]:
-                raise ValueError(f"--train-mask {path}:{i}: need {{\"prompt\": str, \"answer\": non-empty str}}")
-            pairs.append((row["prompt"], row["answer"]))
+    for i, line in enumerate(io.StringIO(read_text(path), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileError(path, f"not JSON ({e.msg})", line=i) from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("answer"), str) or not row["answer"]:
+            raise FileError(path, "need {\"prompt\": str, \"answer\": non-empty str}", line=i)
+        pairs.append((row["prompt"], row["answer"]))
     if not pairs:
-        raise ValueError(f"--train-mask {path} has no pairs")
+        raise FileError(path, "has no prompt/answer pairs")
     return pairs
 
 
@@ -104,14 +108,16 @@ def pairs_loss(steerer, tok, pairs, gate, batch_size, max_length):
     return loss(steerer, tok, pairs, gate, batch_size, max_length)
 
 
-def _load_scores(path):
-    from safetensors import safe_open
-    with safe_open(os.path.expanduser(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    langs = json.loads(meta["languages"]) if "languages" in meta else [k[7:] for k in t if k.startswith("scores.")]
-    if not langs or any(f"scores.{x}" not in t for x in langs):
-        raise ValueError(f"--scores {path} is not a scores.safetensors of `xlkernels heads`")
+def load_scores(path):
+    """({lang: (L, H) scores}, mode) of a scores.safetensors written by `xlkernels heads`; FileError if not."""
+    from xlkernels.files import FileError, json_field, read_safetensors
+    path = os.path.expanduser(path)
+    meta, t = read_safetensors(path)
+    langs = json_field(path, meta, "languages") if "languages" in meta else \
+        [k[7:] for k in t if k.startswith("scores.")]
+    if not isinstance(langs, list) or not langs or any(f"scores.{x}" not in t for x in langs) \
+            or any(t[f"scores.{x}"].dim() != 2 for x in langs):
+        raise FileError(path, f"not a scores.safetensors of `xlkernels heads` (tensors {sorted(t)[:4]})")
     return {x: t[f"scores.{x}"].float() for x in langs}, meta.get("mode", "gradient")
 
 
@@ -134,7 +140,7 @@ def run(args) -> int:
     pairs = read_pairs(args.train_mask) if args.train_mask else None
     model, tok, name = load_model_from_args(args, progress)
     if args.scores:
-        scores, args.mode = _load_scores(args.scores)
+        scores, args.mode = load_scores(args.scores)
         corpus = {x: [] for x in scores}
     else:
         corpus = load_corpus(args, args.n)
@@ -160,9 +166,9 @@ def run(args) -> int:
             seconds[lang] = round(time.perf_counter() - t0, 3)
     sets = lahis.head_sets(scores, q=args.q, min_rep=args.min_rep)
 
-    os.makedirs(args.out, exist_ok=True)
-    save_file({f"scores.{x}": s.contiguous() for x, s in scores.items()}, os.path.join(args.out, "scores.safetensors"),
-              metadata={"languages": json.dumps(list(scores)), "mode": args.mode})
+    with staged_dir(args.out) as out:   # the scores first: a failed soft-mask training keeps them
+        save_file({f"scores.{x}": s.contiguous() for x, s in scores.items()}, os.path.join(out, "scores.safetensors"),
+                  metadata={"languages": json.dumps(list(scores)), "mode": args.mode})
     summary = {"model": name, "num_layers": L, "num_heads": H, "languages": list(scores), "mode": args.mode,
                "n": None if args.scores else {x: len(t) for x, t in corpus.items()},
                "max_length": args.max_length, "q": args.q,
@@ -187,33 +193,34 @@ def run(args) -> int:
                                 "epochs": args.epochs, "lr": args.lr, "heads": mask.heads,
                                 "values": mask.values.tolist(), "loss_before": before, "loss_after": after,
                                 "epoch_losses": mask.losses, "seconds": round(time.perf_counter() - t0, 3)}
-    with open(os.path.join(args.out, "heads.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plots.head_heatmaps(scores, os.path.join(args.out, "heads.png"), title=f"LAHIS ({name}, {args.mode})")
-    for x, s in scores.items():
-        plots.head_heatmaps({x: s}, os.path.join(args.out, f"heads_{x}.png"), title=f"LAHIS {x}")
-    wrote = ["heads.json", "scores.safetensors", "heads.png", "heads_<lang>.png"]
-    if mask is not None:
-        meta = model_meta(steerer)
-        sm = summary["soft_mask"]
-        meta.update(model=name, corpus_languages=list(scores), source="xlkernels heads --train-mask",
-                    mask_lang=sm["lang"], mask_heads=mask.heads)
-        SteeringPlan(gate=mask.gate, meta=meta).save(os.path.join(args.out, "plan.safetensors"))
-        wrote.append("plan.safetensors")
-        print(f"soft mask on {len(mask.heads)} {sm['lang']} heads: answer loss {sm['loss_before']:.4f} -> "
-              f"{sm['loss_after']:.4f}; gates " + " ".join(f"{h // H}.{h % H}={v:.3f}"
-                                                            for h, v in zip(mask.heads, sm["values"])))
-    elif args.mask_lang is not None:
-        n = args.mask_n or default_k(L, H)
-        ids = sets["specific"][args.mask_lang][:n]
-        gate = torch.ones(L * H)
-        gate[ids] = args.mask_value
-        meta = model_meta(steerer)
-        meta.update(model=name, corpus_languages=list(scores), source="xlkernels heads", mask_lang=args.mask_lang,
-                    mask_heads=ids)
-        SteeringPlan(gate=gate.view(L, H), meta=meta).save(os.path.join(args.out, "plan.safetensors"))
-        wrote.append("plan.safetensors")
-        print(f"plan: gate {args.mask_value:g} on {len(ids)} {args.mask_lang}-specific heads", file=sys.stderr)
+    with staged_dir(args.out) as out:
+        with open(os.path.join(out, "heads.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plots.head_heatmaps(scores, os.path.join(out, "heads.png"), title=f"LAHIS ({name}, {args.mode})")
+        for x, s in scores.items():
+            plots.head_heatmaps({x: s}, os.path.join(out, f"heads_{x}.png"), title=f"LAHIS {x}")
+        wrote = ["heads.json", "scores.safetensors", "heads.png", "heads_<lang>.png"]
+        if mask is not None:
+            meta = model_meta(steerer)
+            sm = summary["soft_mask"]
+            meta.update(model=name, corpus_languages=list(scores), source="xlkernels heads --train-mask",
+                        mask_lang=sm["lang"], mask_heads=mask.heads)
+            SteeringPlan(gate=mask.gate, meta=meta).save(os.path.join(out, "plan.safetensors"))
+            wrote.append("plan.safetensors")
+            print(f"soft mask on {len(mask.heads)} {sm['lang']} heads: answer loss {sm['loss_before']:.4f} -> "
+                  f"{sm['loss_after']:.4f}; gates " + " ".join(f"{h // H}.{h % H}={v:.3f}"
+                                                                for h, v in zip(mask.heads, sm["values"])))
+        elif args.mask_lang is not None:
+            n = args.mask_n or default_k(L, H)
+            ids = sets["specific"][args.mask_lang][:n]
+            gate = torch.ones(L * H)
+            gate[ids] = args.mask_value
+            meta = model_meta(steerer)
+            meta.update(model=name, corpus_languages=list(scores), source="xlkernels heads", mask_lang=args.mask_lang,
+                        mask_heads=ids)
+            SteeringPlan(gate=gate.view(L, H), meta=meta).save(os.path.join(out, "plan.safetensors"))
+            wrote.append("plan.safetensors")
+            print(f"plan: gate {args.mask_value:g} on {len(ids)} {args.mask_lang}-specific heads", file=sys.stderr)
 
     print(f"{'lang':<8}{'top':>5}{'specific':>10}  specific heads (layer.head, by score)")
     for x in scores:

@@ -5,7 +5,9 @@ import os
 import sys
 import time
 
-from ._common import add_model_arguments, load_corpus, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_corpus_arguments, add_model_arguments, add_out_argument, load_corpus, load_model_from_args
 
 HELP = ("find language neurons: per-language activation statistics in one pass, LAPE language-specific "
         "neurons, specific/related/general classes and the deactivation (loss change) matrix")
@@ -28,8 +30,7 @@ def add_arguments(p):
     d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
                    "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
     d.add_argument("--n", type=int, default=200, help="texts per language for the statistics (default 200)")
-    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
-                   help="use your own texts for LANG (JSONL/TSV/plain, repeatable; replaces the embedded corpus)")
+    add_corpus_arguments(d)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-length", type=int, default=128)
     d.add_argument("--packing", action="store_true", help="LAPE packing: concatenate each language's tokens "
@@ -41,7 +42,7 @@ def add_arguments(p):
     a.add_argument("--deactivate", action="store_true", help="also compute the K x K deactivation matrix")
     a.add_argument("--eval-n", type=int, default=50, help="held-out texts per language for --deactivate")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="xlk_neurons", help="output directory (default ./xlk_neurons)")
+    add_out_argument(o, "xlk_neurons")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -187,7 +188,8 @@ def run(args) -> int:
 
 def _finish(args, summary, tensors, stats, lape, name, corpus) -> int:
     summary["model"] = name
-    write_outputs(args.out, summary, tensors, stats, lape.counts(), list(corpus))
+    with staged_dir(args.out) as out:
+        write_outputs(out, summary, tensors, stats, lape.counts(), list(corpus))
     print(format_summary(summary))
     if "_matrix_text" in summary:
         print("deactivation: change of mean NLL (rows: neurons switched off, columns: evaluated language)")

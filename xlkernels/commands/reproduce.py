@@ -1,9 +1,10 @@
 """`xlkernels reproduce`: the seeds' central claims measured on one model, one row per claim."""
-import os
 import sys
 import time
 
-from ._common import add_model_arguments, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_corpus_arguments, add_model_arguments, add_out_argument, corpus_from_args, load_model_from_args
 
 HELP = ("check the papers' central claims on a model (LAPE, LAHIS, soft head mask, neuron classes, MEXA, "
         "steering): one row per claim with the measured value and holds / does not hold")
@@ -22,28 +23,17 @@ mask and MEXA rows need a parallel corpus with en (same number of texts per lang
 
 def add_arguments(p):
     add_model_arguments(p)
-    p.add_argument("--corpus", default=None, metavar="FILE", help="your own corpus (JSONL/TSV with languages; "
-                   "default: the embedded parallel corpus)")
     p.add_argument("--langs", default=None, help="comma-separated languages (default en,de,fr,es,zh_Hans; "
                    "quick: en,de,fr,es; full: en,de,fr,es,ru,zh_Hans,ja,ar)")
+    add_corpus_arguments(p)
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_true", help="fewer languages, texts and seeds")
     level.add_argument("--full", action="store_true", help="more languages, texts and seeds (tens of minutes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-head baselines (default 0)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: neurons, heads, soft_mask, "
                    "mexa, steering")
-    p.add_argument("--out", default="xlk_reproduce", help="output directory (default ./xlk_reproduce)")
+    add_out_argument(p, "xlk_reproduce")
     p.add_argument("--no-progress", action="store_true", help="no progress messages on stderr")
-
-
-def _corpus(args):
-    if args.corpus is None:
-        return None
-    from xlkernels.analysis.data import load_texts
-    c = load_texts(os.path.expanduser(args.corpus))
-    if not isinstance(c, dict):
-        raise ValueError(f"--corpus {args.corpus}: the texts carry no language (JSONL \"lang\" or TSV lang column)")
-    return c
 
 
 def run(args) -> int:
@@ -54,13 +44,14 @@ def run(args) -> int:
     bad = skip - set(rp.STEPS)
     if bad:
         raise ValueError(f"--skip {sorted(bad)} unknown; choose from {', '.join(rp.STEPS)}")
-    corpus = _corpus(args)
+    corpus = corpus_from_args(args)
     log = (lambda *a: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     model, tok, name = load_model_from_args(args, not args.no_progress)
     log(f"model {name} loaded in {time.perf_counter() - t0:.0f} s; level {level}")
-    report = rp.run(model, tok, corpus=corpus, langs=langs, level=level, out=args.out, name=name,
-                    steps=[s for s in rp.STEPS if s not in skip], seed=args.seed, log=log)
+    with staged_dir(args.out) as out:
+        report = rp.run(model, tok, corpus=corpus, langs=langs, level=level, out=out, name=name,
+                        steps=[s for s in rp.STEPS if s not in skip], seed=args.seed, log=log)
     rp.print_summary(report["rows"])
     print(f"wrote {args.out}/report.md, reproduce.json and plots ({sum(report['seconds'].values()):.0f} s)")
     return 1 if report["errors"] else 0

@@ -7,8 +7,11 @@ import os
 import sys
 import time
 
-from .heads import fmt_heads
-from ._common import add_model_arguments, load_corpus, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_corpus_arguments, add_model_arguments, add_out_argument, load_corpus, load_model_from_args
+from ._files import file_option
+from .heads import fmt_heads, load_scores
 
 HELP = ("fit language steering on parallel prompts and save it as a steering plan: a CLAIM shift bank (per-head "
         "mean differences on probe/LAHIS-selected heads), ITLC residual language vectors, or INCLINE maps")
@@ -34,8 +37,7 @@ def add_arguments(p):
     d.add_argument("--langs", default=None, help="comma-separated languages of the embedded corpus "
                    "(default: en,de,fr,es,ru,zh_Hans,ja,ar)")
     d.add_argument("--n", type=int, default=100, help="parallel prompts per language (default 100)")
-    d.add_argument("--texts", action="append", default=[], metavar="LANG=FILE",
-                   help="your own ALIGNED texts for LANG (line i = the same prompt in every language)")
+    add_corpus_arguments(d, note="; ALIGNED: line i = the same prompt in every language")
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-length", type=int, default=128)
     p.add_argument("--method", default="claim", choices=("claim", "itlc", "incline"),
@@ -48,7 +50,7 @@ def add_arguments(p):
     a.add_argument("--select", default="probe", choices=("probe", "importance", "all"),
                    help="how heads are chosen per language (default: held-out probe accuracy)")
     a.add_argument("--probe", default="logistic", choices=("logistic", "centroid"))
-    a.add_argument("--importance", default=None, metavar="FILE",
+    file_option(a, "--importance", kind="scores", default=None, metavar="FILE",
                    help="scores.safetensors written by `xlkernels heads` (for --select importance)")
     a.add_argument("--k", type=int, default=None, help="heads per language (default 5%% of L*H, at least 1)")
     a.add_argument("--train-frac", type=float, default=0.75, help="probe train split (by prompt id)")
@@ -68,16 +70,15 @@ def add_arguments(p):
     i.add_argument("--site", default="block", choices=("block", "mlp"),
                    help="representation edited: decoder block output (default) or MLP output (released code)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="xlk_shift", help="output directory (default ./xlk_shift)")
+    add_out_argument(o, "xlk_shift")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _importance(path, langs):
-    from safetensors.torch import load_file
     if not path:
         raise ValueError("--select importance needs --importance FILE (scores.safetensors from `xlkernels heads`)")
-    t = load_file(os.path.expanduser(path))
-    out = {x: t.get(f"scores.{x}") for x in langs}
+    t = load_scores(path)[0]
+    out = {x: t.get(x) for x in langs}
     missing = [x for x, v in out.items() if v is None]
     if missing:
         raise ValueError(f"--importance {path} has no scores for {missing}")
@@ -125,8 +126,6 @@ def run(args) -> int:
                 select=args.select, probe=args.probe, n=len(next(iter(corpus.values()))))
     alpha = 1.0 if args.alpha is None else args.alpha
     plan = SteeringPlan(shift=bank.bank, alpha=alpha, languages=bank.languages, meta=meta)
-    os.makedirs(args.out, exist_ok=True)
-    plan.save(os.path.join(args.out, "plan.safetensors"))
     info = {"model": name, "pivot": args.pivot, "select": args.select, "seconds": secs, "languages": {}}
     print(f"{'lang':<8}{'heads':>6}{'score':>8}{'|shift|':>9}  heads (layer.head)")
     for r, x in enumerate(bank.languages):
@@ -138,9 +137,15 @@ def run(args) -> int:
         info["languages"][x] = {"heads": ids, "scores": sc, "shift_norm": norm}
         mean = sum(sc) / len(sc) if sc else float("nan")
         print(f"{x:<8}{len(ids):>6}{mean:>8.3f}{norm:>9.3f}  {fmt_heads(ids, H) or '-'}")
-    with open(os.path.join(args.out, "shift.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    print(f"wrote {args.out}/plan.safetensors, plan.json, shift.json")
+    return _save(args.out, plan, info)
+
+
+def _save(out_dir, plan, info):
+    with staged_dir(out_dir) as out:
+        plan.save(os.path.join(out, "plan.safetensors"))
+        with open(os.path.join(out, "shift.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    print(f"wrote {out_dir}/plan.safetensors, plan.json, shift.json")
     return 0
 
 
@@ -197,9 +202,4 @@ def _latent(args, model, tok, name, corpus):
         for l, (a, b) in enumerate(zip(wn, resid)):
             print(f"{l:<6}{a:>9.3f}{b:>8.3f}")
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    os.makedirs(args.out, exist_ok=True)
-    plan.save(os.path.join(args.out, "plan.safetensors"))
-    with open(os.path.join(args.out, "shift.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    print(f"wrote {args.out}/plan.safetensors, plan.json, shift.json")
-    return 0
+    return _save(args.out, plan, info)

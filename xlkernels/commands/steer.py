@@ -7,7 +7,10 @@ import sys
 
 import torch
 
-from ._common import add_model_arguments, load_model_from_args
+from xlkernels.files import staged_dir
+
+from ._common import add_model_arguments, add_out_argument, load_model_from_args
+from ._files import file_option
 
 HELP = ("generate (greedy) with a saved steering plan: head gates, a language shift bank, neuron deactivations, "
         "ITLC language vectors, INCLINE maps")
@@ -34,7 +37,7 @@ def add_arguments(p):
                    "(default) or inside vLLM, all prompts in one batch (needs vllm; gates, shifts, banks and "
                    "neuron deactivations; no ITLC/INCLINE; --model must be a local HF directory; no --tiny)")
     s = p.add_argument_group("steering")
-    s.add_argument("--plan", required=True, metavar="PATH",
+    file_option(s, "--plan", kind="plan", required=True, metavar="PATH",
                    help="plan directory or .safetensors written by `xlkernels shift`/`heads` (or SteeringPlan.save)")
     s.add_argument("--target-lang", default=None, help="bank row(s) / ITLC language(s) to steer toward: LANG or "
                    "LANG1,LANG2,...")
@@ -49,7 +52,7 @@ def add_arguments(p):
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.add_argument("--compare", action="store_true", help="also generate without the plan")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="directory for steer.json (default: print only)")
+    add_out_argument(o, None, "directory for steer.json (default: print only)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -128,14 +131,17 @@ def run_vllm(args, prompts) -> int:
             print(f"  plain:   {row['plain']!r}")
         print(f"  steered: {row['steered']!r}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         res = {"model": name, "engine": "vllm", "plan": args.plan,
                "alpha": plan.alpha if args.alpha is None else args.alpha,
                "max_new_tokens": args.max_new_tokens, "results": rows}
-        with open(os.path.join(args.out, "steer.json"), "w") as f:
-            json.dump(res, f, indent=1, ensure_ascii=False)
-        print(f"wrote {args.out}/steer.json")
+        _write(args.out, res)
     return 0
+
+
+def _write(out_dir, res):
+    with staged_dir(out_dir) as out, open(os.path.join(out, "steer.json"), "w") as f:
+        json.dump(res, f, indent=1, ensure_ascii=False)
+    print(f"wrote {out_dir}/steer.json")
 
 
 def run(args) -> int:
@@ -220,14 +226,11 @@ def run(args) -> int:
             print(f"  plain:   {row['plain']!r}")
         print(f"  steered: {row['steered']!r}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         res = {"model": name, "plan": args.plan, "alpha": alpha, "max_new_tokens": args.max_new_tokens,
                "results": rows}
         if itlc is not None:
             res["itlc_alpha"] = itlc_alpha
         if plan.incline is not None:
             res["sigma"] = sigma
-        with open(os.path.join(args.out, "steer.json"), "w") as f:
-            json.dump(res, f, indent=1, ensure_ascii=False)
-        print(f"wrote {args.out}/steer.json")
+        _write(args.out, res)
     return 0
