@@ -317,7 +317,7 @@ def test_cli_user_corpus_not_parallel(tmp_path, capsys, monkeypatch):
     assert mexa["holds"] is None and "parallel" in mexa["measured"]
     plain = tmp_path / "c.txt"
     plain.write_text("just text\nno language\n")
-    assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(plain)]) == 1
+    assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(plain)]) == 2   # a bad file: exit 2
     assert "--corpus" in capsys.readouterr().err
 
 

@@ -41,9 +41,11 @@ def _check_gguf(path):
     from xlkernels.files import FileError, check_file
     check_file(path, empty_ok=False)
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"GGUF":
-        raise FileError(path, f"not a GGUF file (starts with {head!r}, not b'GGUF')")
+        head = f.read(24)   # magic, version, tensor count, key-value count
+    if head[:4] != b"GGUF":
+        raise FileError(path, f"not a GGUF file (starts with {head[:4]!r}, not b'GGUF')")
+    if len(head) < 24:
+        raise FileError(path, f"truncated GGUF file ({len(head)} bytes, the header alone is 24)")
     try:
         from gguf import GGUFReader
     except ImportError:
