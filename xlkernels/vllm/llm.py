@@ -1,5 +1,5 @@
-"""xlkernels.vllm.LLM: vllm.LLM with the xlkernels plugin enabled, steering plans selected per request, and
-per-language neuron statistics (`collect_stats`)."""
+"""xlkernels.vllm.LLM: vllm.LLM with xlkernels configured (additional_config["xlkernels"], config.py), steering
+plans registered at run time and chosen per request, and per-language neuron statistics (`collect_stats`)."""
 from __future__ import annotations
 
 import os
@@ -11,17 +11,10 @@ import vllm
 from vllm import SamplingParams
 
 from ..stats import FIELDS, NeuronStats
-from . import _hooks
-from .plugin import ENV
+from . import admission, config, runners
+from .plans import KEY_LANG, KEY_PLAN, KEY_STATS, check_supported, plan_languages, steers_heads
 
 EXTENSION = "xlkernels.vllm.worker.WorkerExtension"
-
-
-def check_runner(vllm_config) -> None:
-    """Fail loudly where vLLM runs its V2 model runner (the GPU default in 0.32), which the hooks do not reach."""
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        raise RuntimeError("xlkernels.vllm hooks vLLM's V1 model runner, but this engine runs the V2 runner (the "
-                           "GPU default in vLLM 0.32); start it with VLLM_USE_V2_MODEL_RUNNER=0")
 
 
 def default_model_path() -> str:
@@ -34,37 +27,45 @@ def default_model_path() -> str:
 
 
 class LLM(vllm.LLM):
-    """`vllm.LLM` for xlkernels. Extra over vllm.LLM:
+    """`vllm.LLM` for xlkernels, on either model runner (V1 or V2) and any attention backend. Extra over vllm.LLM:
 
-    - `register_plan(name, plan_or_path)` once; then `generate(prompts, params, plan=name, lang=...)` (one value
+    - `register_plan(name, plan_or_path)`; then `generate(prompts, params, plan=name, lang=...)` (one value
       or one per prompt; None = unsteered), or `steer_params(...)` for vLLM's own calls.
     - `xlkernels.vllm.collect_stats(llm, corpus)` for per-language neuron statistics.
-    Defaults: the embedded model when `model` is None; prefix caching on (steered prompts get a cache_salt per
-    plan and language, statistics requests skip reading the cache). The V2 model runner is refused."""
+    - `max_plans` plan-table rows (a bank takes one per language), `max_groups` statistics groups (0 turns
+      statistics off, which saves one pass over the MLP activations per layer), `plans` {name: path} to
+      register at start. Defaults: the embedded model when `model` is None; prefix caching on (steered
+      requests get a cache salt per plan and language, statistics requests skip reading the cache)."""
 
-    def __init__(self, model: str | None = None, **kwargs):
-        os.environ[ENV] = "1"   # before the engine spawns: the plugin reads it in every process
-        _hooks.install()
+    def __init__(self, model: str | None = None, *, max_plans: int = config.MAX_PLANS,
+                 max_groups: int = config.MAX_GROUPS_LLM, plans: dict | None = None, **kwargs):
+        admission.patch()
+        runners.patch()
         if kwargs.get("worker_extension_cls") not in (None, EXTENSION):
             raise ValueError(f"worker_extension_cls is set by xlkernels.vllm.LLM ({EXTENSION})")
         kwargs["worker_extension_cls"] = EXTENSION
+        extra = dict(kwargs.pop("additional_config", None) or {})
+        settings = config.parse({"plans": dict(plans or {}), "max_plans": max_plans, "max_groups": max_groups})
+        extra[config.KEY] = settings.to_dict()
+        kwargs["additional_config"] = extra
         kwargs.setdefault("enable_prefix_caching", True)
         if model is None:
             model = default_model_path()
             kwargs.setdefault("dtype", "float32")
         super().__init__(model=model, **kwargs)
-        check_runner(self.llm_engine.vllm_config)
         self.xlk_info = self.collective_rpc("xlk_setup")
         info = self.xlk_info[0]
-        if info["steered_activations"] == 0:
-            raise RuntimeError(f"xlkernels.vllm: no gated-MLP activation of {model} was replaced (the model has no "
+        if not info["mlp_layers"]:
+            raise RuntimeError(f"xlkernels.vllm: no gated-MLP activation of {model} was hooked (the model has no "
                                "SiluAndMul/GeluAndMul?); its neurons cannot be counted or steered")
-        if info["pp_size"] != 1:
-            raise NotImplementedError("xlkernels.vllm supports tensor parallelism, not pipeline parallelism yet")
+        seen = {tuple(x) for x in info["seen"]}
+        missing = [l for l in info["mlp_layers"] if ("mlp", l) not in seen]
+        if missing:
+            raise RuntimeError(f"xlkernels.vllm: the MLP hooks of layers {missing} never ran during warm-up (a "
+                               "compiled model from a cache without xlkernels?); refusing to serve unhooked")
         self.dims = info["dims"]
-        self.heads_steerable = all("SteeredCPUAttentionImpl" in i["attention_impls"] for i in self.xlk_info)
-        self._plans = {}      # name -> {"languages": [...], "version": int}
-        self._version = 0
+        self._registry = self.llm_engine.input_processor._xlk_registry
+        self._registry.allow_stats = True
 
     def close(self) -> None:
         """Stop the engine's processes now (otherwise at interpreter exit)."""
@@ -75,7 +76,7 @@ class LLM(vllm.LLM):
     # ------------------------------------------------------------------------------------------ plans
     def register_plan(self, name: str, plan, alpha: float | None = None) -> None:
         """Send a SteeringPlan (or a plan path) to every worker under `name` (replacing one of that name).
-        Shapes are checked against the model there; a bad plan raises here and the engine keeps serving."""
+        Shapes are checked against the model here and there; a bad plan raises and the engine keeps serving."""
         from ..analysis.steering.plan import SteeringPlan
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -87,43 +88,28 @@ class LLM(vllm.LLM):
         return self._register(name, path, alpha, SteeringPlan.load(path))
 
     def _register(self, name, path, alpha, plan):
-        from ..analysis.steering.plan import SteeringPlan  # noqa: F401 - loaded above
-        from .worker import check_supported
         plan.validate(self.dims)
         check_supported(plan)
-        _need_wrapped_attention(self, "steering plans")
+        why = self.xlk_info[0]["heads_refusal"]
+        if steers_heads(plan) and why:
+            raise NotImplementedError(f"the plan gates or shifts heads, which this engine cannot: {why}")
         langs = self.collective_rpc("xlk_register_plan", args=(name, path, alpha))[0]
-        self._version += 1
-        self._plans[name] = {"languages": langs, "version": self._version}
+        self._registry.add(name, langs)
+        assert langs == plan_languages(plan)
 
     def unregister_plan(self, name: str) -> None:
-        if name not in self._plans:
-            raise ValueError(f"no plan {name!r} is registered (have {sorted(self._plans)})")
+        if name not in self._registry.plans:
+            raise ValueError(f"no plan {name!r} is registered (have {sorted(self._registry.plans)})")
+        del self._registry.plans[name]
         self.collective_rpc("xlk_unregister_plan", args=(name,))
-        del self._plans[name]
 
     @property
     def plans(self) -> dict:
-        return {k: list(v["languages"]) for k, v in self._plans.items()}
-
-    def _check(self, plan, lang):
-        if plan is None:
-            if lang is not None:
-                raise ValueError(f"lang={lang!r} was given without a plan")
-            return
-        info = self._plans.get(plan)
-        if info is None:
-            raise ValueError(f"plan {plan!r} is not registered (have {sorted(self._plans)}); call register_plan")
-        if info["languages"]:
-            if lang not in info["languages"]:
-                raise ValueError(f"plan {plan!r} holds a shift bank: lang must be one of {info['languages']}, "
-                                 f"got {lang!r}")
-        elif lang is not None:
-            raise ValueError(f"plan {plan!r} has no shift bank; lang must be None, got {lang!r}")
+        return {k: list(v.languages) for k, v in self._registry.plans.items() if not v.error}
 
     def steer_params(self, prompts, sampling_params=None, plan=None, lang=None):
-        """(prompts, params) lists for vllm's generate: each steered prompt gets extra_args naming its plan
-        and language and a cache_salt of that plan version (no KV shared with other steering)."""
+        """(prompts, params) lists for vllm's generate: each steered prompt's params get extra_args naming its
+        plan and language (checked here; the engine adds the cache salt that keeps its KV cache apart)."""
         single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                       and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
@@ -133,33 +119,21 @@ class LLM(vllm.LLM):
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = _per_prompt(sampling_params, n, "sampling_params", SamplingParams)
-        out_p, out_s = [], []
-        for p, sp, name, lg in zip(prompts, params, plans, langs):
-            self._check(name, lg)
-            if name is None:
-                out_p.append(p)
-                out_s.append(sp)
-                continue
-            sp = sp.clone()
-            sp.extra_args = {**(sp.extra_args or {}), _hooks.KEY_PLAN: name, _hooks.KEY_LANG: lg}
-            p = _prompt_dict(p)
-            p["cache_salt"] = f"xlk:{name}:{lg}:{self._plans[name]['version']}"
-            out_p.append(p)
+        out_s = []
+        for sp, name, lg in zip(params, plans, langs):
+            extra = {} if name is None and lg is None else {KEY_PLAN: name, KEY_LANG: lg}
+            self._registry.admit(extra)
+            if extra:
+                sp = sp.clone()
+                sp.extra_args = {**(sp.extra_args or {}), **extra}
             out_s.append(sp)
-        return out_p, out_s
+        return prompts, out_s
 
     def generate(self, prompts, sampling_params=None, *, plan=None, lang=None, **kwargs):
         if plan is None and lang is None:
             return super().generate(prompts, sampling_params, **kwargs)
         prompts, params = self.steer_params(prompts, sampling_params, plan, lang)
         return super().generate(prompts, params, **kwargs)
-
-
-def _need_wrapped_attention(llm, what):
-    """Head steering happens in the wrapped attention backend, which also tells the MLP op its layer."""
-    if not llm.heads_steerable:
-        raise NotImplementedError(f"{what} need xlkernels' wrapped attention backend, which exists for vLLM's "
-                                  f"CPU_ATTN only so far; this engine runs {llm.xlk_info[0]['attention_impls']}")
 
 
 def _per_prompt(value, n, what, kind=str):
@@ -169,16 +143,6 @@ def _per_prompt(value, n, what, kind=str):
     if len(value) != n:
         raise ValueError(f"{what} has {len(value)} entries for {n} prompts")
     return value
-
-
-def _prompt_dict(p):
-    if isinstance(p, str):
-        return {"prompt": p}
-    if isinstance(p, dict):
-        return dict(p)
-    if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
-        return {"prompt_token_ids": list(p)}
-    raise TypeError(f"a prompt must be a string, a token id list or a prompt dict, got {type(p).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -204,7 +168,10 @@ def collect_stats(llm: LLM, corpus: dict, tokenizer=None, max_length: int = 256,
     Raises if the engine counted another number of tokens than it was sent (never returns silent zeros)."""
     if not isinstance(llm, LLM):
         raise TypeError(f"llm must be an xlkernels.vllm.LLM, got {type(llm).__name__}")
-    _need_wrapped_attention(llm, "neuron statistics")
+    G = llm.xlk_info[0]["max_groups"]
+    if not 1 <= len(corpus) <= G:
+        raise ValueError(f"corpus has {len(corpus)} languages; this engine collects statistics for 1 to {G} "
+                         "(xlkernels.vllm.LLM(max_groups=...))")
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if tokenizer is None:
@@ -215,12 +182,12 @@ def collect_stats(llm: LLM, corpus: dict, tokenizer=None, max_length: int = 256,
     rows = corpus_rows(tokenizer, corpus, max_length, packing)
     prompts = [{"prompt_token_ids": ids} for _, ids in rows]
     params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_reading_prefix_cache=True,
-                             extra_args={_hooks.KEY_STATS: k}) for k, _ in rows]
+                             extra_args={KEY_STATS: k}) for k, _ in rows]
     llm.collective_rpc("xlk_stats_begin", args=(K,))
     try:
         vllm.LLM.generate(llm, prompts, params, use_tqdm=progress)
     finally:
-        shards = llm.collective_rpc("xlk_stats_end")
+        shards = llm.collective_rpc("xlk_stats_end", args=(K,))
     stats = merge_shards(shards)
     want = torch.zeros(K, dtype=torch.int64)
     for k, ids in rows:
@@ -229,7 +196,7 @@ def collect_stats(llm: LLM, corpus: dict, tokenizer=None, max_length: int = 256,
     if not torch.equal(got, want) or not torch.equal(stats.tokens, want.expand_as(stats.tokens)):
         raise RuntimeError(f"xlkernels.vllm.collect_stats: the engine counted {stats.tokens[0].tolist()} tokens "
                            f"per language, {want.tolist()} were sent (tokens skipped: read from the prefix cache, "
-                           "or the hooks not reached: plugin not loaded, V2 runner, attention backend not CPU_ATTN?)")
+                           "or the MLP hooks not reached)")
     return stats
 
 
