@@ -232,7 +232,8 @@ def load() -> dict:
                 mod = importlib.import_module("xlkernels._C")
                 record, how = _build.read_record(PKG / _build.BUILD_INFO), "prebuilt"
             except ImportError as e:
-                errors.append(f"the prebuilt {so.name} failed to load ({e})")
+                note = f"the prebuilt {so.name} failed to load ({e})"
+                errors.append(note)
         else:
             errors.append(why)
         if mod is None:
