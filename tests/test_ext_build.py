@@ -180,3 +180,14 @@ def test_loaded_extension_reports_its_torch():
     assert info["torch"] == torch.__version__ and info["how"] in ("prebuilt", "cached", "compiled")
     assert os.path.isfile(info["path"])
     assert sys.modules["xlkernels._C"].TORCH_VERSION == re.match(r"\d+\.\d+\.\d+", torch.__version__).group(0)
+
+
+@pytest.mark.parametrize("smi, want", [("9.0\n12.0\n9.0\n", ["90", "120"]), ("", ["80", "90"]), (None, ["80", "90"])])
+def test_visible_archs_from_nvidia_smi(tmp_path, monkeypatch, smi, want):
+    """GPU archs come from nvidia-smi (this process must not initialise CUDA); none listed: 80 and 90."""
+    if smi is not None:
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{smi}'\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) + (os.pathsep + os.environ["PATH"] if smi is not None else ""))
+    monkeypatch.setattr(_ext, "_archs_seen", None)
+    assert _ext._visible_archs() == want

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -80,13 +81,22 @@ def _import(path: Path, name: str = "xlkernels._C"):
     return mod
 
 
+_archs_seen: "list | None" = None
+
+
 def _visible_archs() -> list:
-    """SM architectures of the visible GPUs (none: the defaults, 80 and 90)."""
-    try:
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    except Exception:  # a CUDA torch without a usable driver
-        caps = set()
-    return [f"{a}{b}" for a, b in sorted(caps)] or list(_build.DEFAULT_ARCHS)
+    """SM architectures of the GPUs nvidia-smi lists (none: the defaults, 80 and 90). Asked of nvidia-smi, not of
+    torch.cuda, so that this process does not initialise CUDA (a later fork could then not use it)."""
+    global _archs_seen
+    if _archs_seen is None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        caps = {m.group(1) + m.group(2) for m in re.finditer(r"^\s*(\d+)\.(\d)\s*$", out, re.M)}
+        _archs_seen = sorted(caps, key=int)
+    return list(_archs_seen) or list(_build.DEFAULT_ARCHS)
 
 
 def jit_plan(root: Path) -> dict:
