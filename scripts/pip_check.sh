@@ -53,6 +53,7 @@ fresh() {
 # check <venv> [--how H]: the installed xlkernels, run from outside any checkout
 check() {
   local venv=$1; shift
+  [[ ! -e $(purelib "$venv")/torch ]] || die "pip installed a torch of its own into $venv"
   (cd "$WORK" && "$venv/bin/python" "$ROOT/scripts/check_pip_install.py" --site "$(purelib "$venv")" "$@")
 }
 
