@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xlk-built
-SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cpu/*.h) setup.py
+SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cpu/*.h) setup.py xlkernels/_build.py
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
@@ -50,11 +50,18 @@ cmake-check: $(STAMP)
 cuda-build:
 	bash scripts/cuda_build.sh
 
+# `pip install` as users type it (default flags, build isolation on) into fresh venvs: from a clone, an sdist and a
+# wheel (torch 2.13.0 CPU), the wheel beside the CUDA torch 2.14.1 (every op has a CUDA kernel; no GPU), a _C built
+# for another torch, and torches outside the supported range (scripts/pip_check.sh). Needs no .venv.
+.PHONY: pip-check
+pip-check:
+	bash scripts/pip_check.sh
+
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
 clean:
-	rm -rf build dist *.egg-info xlkernels/*.so $(VENV) .venv-latest
+	rm -rf build dist *.egg-info xlkernels/*.so xlkernels/_C_build.json $(VENV) .venv-latest
 
 # On a GPU machine with a preinstalled CUDA torch (no venv, no registry): build for this GPU, run the whole suite,
 # compute-sanitizer on the CUDA C++ kernels, the benchmarks; logs + results in bench/results/gpu-check-<date>/.

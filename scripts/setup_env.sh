@@ -30,5 +30,7 @@ if [[ ${XLKERNELS_OFFLINE:-0} != 1 ]] && "$VPY" -m pip download -q --no-deps -d 
   "$VPY" -m pip install -q "${pins[@]}" -r requirements.txt
 fi
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
-"$VPY" -c "import xlkernels, sys; sys.exit(0 if xlkernels.ext_info()['cpu'] else 1)" || { echo "xlkernels._C (CPU) failed to build" >&2; exit 1; }
+# XLKERNELS_JIT=0: the _C just built, not one compiled on first use
+XLKERNELS_JIT=0 "$VPY" -c "import xlkernels, sys; i = xlkernels.ext_info()
+sys.exit(0 if i['how'] == 'prebuilt' else f'xlkernels._C (CPU) failed to build or load: {i[\"error\"]}')"
 "$VPY" -m pip freeze --exclude-editable > "$VENV/.xlk-versions.txt"

@@ -83,12 +83,13 @@ def why_not(op: str, name: str, device: torch.device) -> "str | None":
         if device.type != "cpu":
             return f"the 'cpu' backend needs CPU tensors, got {device}"
         if not info["cpu"]:
-            return f"xlkernels._C is not built ({info['error']}); reinstall with `make build`"
+            return f"xlkernels._C is not available ({info['error']})"
     elif name == "cuda":
         if device.type != "cuda":
             return f"the 'cuda' backend needs CUDA tensors, got {device}"
         if not info["cuda"]:
-            return "xlkernels._C was built without CUDA kernels (torch is a CPU build, nvcc is missing, or XLKERNELS_BUILD_CUDA=0)"
+            return ("xlkernels._C was built without CUDA kernels (torch is a CPU build, nvcc is missing, or "
+                    "XLKERNELS_BUILD_CUDA=0)" if info["cpu"] else f"xlkernels._C is not available ({info['error']})")
     elif name == "triton":
         reason = triton_available()
         if reason:

@@ -31,6 +31,8 @@ def report(device=None) -> str:
         f"transformers  {_version('transformers')}",
         f"_C            CPU kernels: {'yes' if ext['cpu'] else 'no'}, CUDA kernels: {'yes' if ext['cuda'] else 'no'}"
         + (f"  ({ext['error']})" if ext["error"] else ""),
+        *([f"_C built for  torch {ext['torch']} ({ext['how']}: {ext['path']})"] if ext["cpu"] else []),
+        *([f"_C note       {ext['note']}"] if ext.get("note") else []),
         f"device        {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"triton mode   {'interpreter' if backends.interpreting() else 'compiled'}",
         "backends:",
