@@ -61,10 +61,10 @@ class _Launch:
 
 
 def _modules():
-    from xlkernels.triton import (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer,
-                                  neuron_stats)
-    mods = (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer, neuron_stats)
-    if attention.INTERP or not isinstance(attention._fwd_kernel, JITFunction):
+    from xlkernels.triton import (attention, attention_bwd, attention_common, attention_decode, attention_tma, glu,
+                                  head_steer, neuron_stats)
+    mods = (attention_common, attention, attention_bwd, attention_decode, attention_tma, glu, head_steer, neuron_stats)
+    if attention_common.INTERP or not isinstance(attention._fwd_kernel, JITFunction):
         raise RuntimeError("xlkernels.triton was imported under TRITON_INTERPRET=1; run this in a process "
                            "without it (python -m bench.static_report)")
     return mods
@@ -84,9 +84,9 @@ def _recording(calls, tag):
             elif isinstance(obj, Autotuner):
                 saved.append((m, name, obj))
                 setattr(m, name, _Launch(obj.fn, obj.configs, calls, tag))
-    att = mods[0]
-    saved.append((att, "_tuned", att._tuned))
-    att._tuned = lambda kernel, table, bucket, reset=(): _Launch(getattr(kernel, "jit", kernel), table[bucket],
+    common = mods[0]  # attention_common.launch looks _tuned up there
+    saved.append((common, "_tuned", common._tuned))
+    common._tuned = lambda kernel, table, bucket, reset=(): _Launch(getattr(kernel, "jit", kernel), table[bucket],
                                                                  calls, tag)
     try:
         yield

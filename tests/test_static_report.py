@@ -34,7 +34,7 @@ def test_shipped_configs_compile_clean(tmp_path):
     triton = pytest.importorskip("triton")
     # no side effects on import; compiling runs in a subprocess
     from bench.static_report import HEAD_DIMS, SUBSET, problems
-    from xlkernels.triton.attention import _dbucket
+    from xlkernels.triton.attention_common import _dbucket
     from xlkernels.triton.attention_bwd import DKDV_ATOMIC_CONFIGS
     with open(RECORD) as f:
         record = json.load(f)

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from . import grids
-from .attention import (_cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common, launch,
-                        row_grid)
+from .attention_common import (_cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common,
+                               launch, row_grid)
 from .grids import folded_id
 
 
