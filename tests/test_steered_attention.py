@@ -601,8 +601,8 @@ f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Part="
 io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
 p = {**io, **f32}
 build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, BLOCK_M=64, BLOCK_N=64))
-build(AB._bwd_dkdv_kernel, p, dict(c, ATOMIC_DQ=False, BLOCK_M=16, BLOCK_N=64))
-build(AB._bwd_dkdv_kernel, dict(p, DQ="fp32"), dict(c, ATOMIC_DQ=True, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, p, dict(c, ATOMIC_DQ=False, HOIST=True, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, dict(p, DQ="fp32"), dict(c, ATOMIC_DQ=True, HOIST=False, BLOCK_M=16, BLOCK_N=64))
 build(AB._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
 build(AD._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
 build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True,

@@ -187,8 +187,9 @@ def _fwd_epilogue(acc, m_i, l_i, g, b, h, rows, offs_d, mmask, dmask, Out, ORaw,
 # ------------------------------------------------------------------ launch configuration
 
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, **kw):
+    """A config: tiles, warps, stages, and further constexprs of the kernel (kw)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **kw}, num_warps=w, num_stages=s)
 
 
 INTERP_BLOCKS = (32, 32)  # (BLOCK_M, BLOCK_N) under the interpreter: small, so tests cover many blocks
