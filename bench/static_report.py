@@ -61,10 +61,10 @@ class _Launch:
 
 
 def _modules():
-    from xlkernels.triton import (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer,
-                                  neuron_stats)
-    mods = (attention, attention_bwd, attention_decode, attention_tma, glu, head_steer, neuron_stats)
-    if attention.INTERP or not isinstance(attention._fwd_kernel, JITFunction):
+    from xlkernels.triton import (attention, attention_bwd, attention_common, attention_decode, attention_tma, glu,
+                                  head_steer, neuron_stats)
+    mods = (attention_common, attention, attention_bwd, attention_decode, attention_tma, glu, head_steer, neuron_stats)
+    if attention_common.INTERP or not isinstance(attention._fwd_kernel, JITFunction):
         raise RuntimeError("xlkernels.triton was imported under TRITON_INTERPRET=1; run this in a process "
                            "without it (python -m bench.static_report)")
     return mods
@@ -84,9 +84,9 @@ def _recording(calls, tag):
             elif isinstance(obj, Autotuner):
                 saved.append((m, name, obj))
                 setattr(m, name, _Launch(obj.fn, obj.configs, calls, tag))
-    att = mods[0]
-    saved.append((att, "_tuned", att._tuned))
-    att._tuned = lambda kernel, table, bucket, reset=(): _Launch(getattr(kernel, "jit", kernel), table[bucket],
+    common = mods[0]  # attention_common.launch looks _tuned up there
+    saved.append((common, "_tuned", common._tuned))
+    common._tuned = lambda kernel, table, bucket, reset=(): _Launch(getattr(kernel, "jit", kernel), table[bucket],
                                                                  calls, tag)
     try:
         yield
@@ -185,7 +185,7 @@ def _specialise(jit, args, kw):
     return signature, constexprs, attrs, options
 
 
-_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_I", "BLOCK_T", "BLOCK_D", "PACK", "WS")
+_BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_I", "BLOCK_T", "BLOCK_D", "PACK", "WS", "HOIST")
 
 
 def jobs(dims=HEAD_DIMS, dtypes=DTYPES, variants=VARIANTS, atomic_dq=True):
@@ -363,11 +363,13 @@ def ident(r):
     return f"{r['kernel']}|{r['variant']}|D={r['D']}|{r['dtype']}|{b}|w{r['warps']}|s{r['stages']}"
 
 
-def problems(rows, allowed=None, record=None):
-    """Failures: spill stores inside a loop beyond allowed ({ident: bytes}), shared memory over 227 KB, wgmma or
-    TMA lost where the record (rows of a previous run) had it, a config asking for warp specialisation (WS) that
-    the compiler did not apply. Spills outside loops are reported, not failed."""
+def problems(rows, allowed=None, record=None, allowed_loads=None):
+    """Failures: spill stores inside a loop beyond allowed ({ident: bytes}), spill reloads inside a loop beyond
+    allowed_loads (same form), shared memory over 227 KB, wgmma or TMA lost where the record (rows of a previous
+    run) had it, a config asking for warp specialisation (WS) that the compiler did not apply. Spills outside
+    loops are reported, not failed."""
     allowed = allowed or {}
+    allowed_loads = allowed_loads or {}
     had_wgmma = {ident(r) for r in record or () if r.get("mma") == "wgmma"}
     had_tma = {ident(r) for r in record or () if r.get("async_loads") == "tma"}
     out = []
@@ -375,6 +377,9 @@ def problems(rows, allowed=None, record=None):
         i = ident(r)
         if r["loop_spill_stores"] > allowed.get(i, 0):
             out.append(f"{i}: {r['loop_spill_stores']} B of spill stores inside loops (total {r['spill_stores']} "
+                       f"B stores / {r['spill_loads']} B loads)")
+        if r["loop_spill_loads"] > allowed_loads.get(i, 0):
+            out.append(f"{i}: {r['loop_spill_loads']} B of spill reloads inside loops (total {r['spill_stores']} "
                        f"B stores / {r['spill_loads']} B loads)")
         if r["smem"] > SMEM_LIMIT:
             out.append(f"{i}: {r['smem']} B shared memory > {SMEM_LIMIT}")
@@ -385,6 +390,20 @@ def problems(rows, allowed=None, record=None):
         if r["blocks"].get("WS") and not r.get("warp_spec"):
             out.append(f"{i}: warp specialisation requested, not applied by the compiler")
     return out
+
+
+REGS_PER_SM, SMEM_PER_SM, SMEM_PER_CTA_RESERVED, MAX_WARPS, MAX_CTAS = 65536, 228 * 1024, 1024, 64, 32
+
+
+def occupancy(r):
+    """Resident warps per SM on sm_90 (H100/H200) from registers and shared memory alone: registers are allocated
+    per warp in units of 256 (8 per thread), 64K per SM; shared memory is 228 KB per SM with 1 KB reserved per
+    CTA; at most 32 CTAs and 64 warps. (setmaxnreg, which warp-specialised kernels may use, is ignored.)"""
+    warps = (r.get("threads") or 32 * r["warps"]) // 32
+    per_warp = -(-r["regs"] * 32 // 256) * 256
+    ctas = min(REGS_PER_SM // (per_warp * warps), SMEM_PER_SM // (r["smem"] + SMEM_PER_CTA_RESERVED), MAX_CTAS,
+               MAX_WARPS // warps)
+    return ctas * warps
 
 
 def _commit():
@@ -404,15 +423,17 @@ def meta(seconds, compiled):
 
 
 def _cfg(r):
-    b = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["blocks"].items() if k not in ("BLOCK_D", "WS"))
+    b = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["blocks"].items()
+                 if k not in ("BLOCK_D", "WS", "HOIST"))
     b += " WS" if r["blocks"].get("WS") else ""
+    b += " no-hoist" if r["blocks"].get("HOIST") is False else ""
     return f"{b} w{r['warps']} s{r['stages']}"
 
 
 def markdown(m, rows):
     rows = sorted(rows, key=lambda r: (r["kernel"], r["D"] or 0, r["dtype"], r["variant"]))  # stable: config order
-    spill = [r for r in rows if r["spill_stores"]]
-    loop = [r for r in spill if r["loop_spill_stores"]]
+    spill = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    loop = [r for r in spill if r["loop_spill_stores"] or r["loop_spill_loads"]]
     mma = [r for r in rows if r["mma"] != "-"]
     sync = sorted({f"{r['kernel']} D{r['D']} {_cfg(r)}" for r in mma if r["mma"] == "mma.sync"})
     n_wg = sum(1 for r in mma if r["mma"] == "wgmma")
@@ -429,10 +450,10 @@ def markdown(m, rows):
         "softcap + key padding mask + gate + shift + gate/shift grads, gelu glu with group ids, stats and a "
         "per-group intervention.",
         "",
-        f"- {len(spill)} kernels spill; {len(loop)} store spills inside a loop (bold in the table):" + "".join(
-            f"\n  - `{ident(r)}`: {r['loop_spill_stores']} B stores / {r['loop_spill_loads']} B loads inside loops "
-            f"({r['spill_stores']} / {r['spill_loads']} B in all, {r['regs']} regs)" for r in loop),
-        f"- {sum(1 for r in spill if r['loop_spill_loads'])} spilling kernels reload spilled values inside a loop.",
+        f"- {len(spill)} kernels spill; {sum(1 for r in loop if r['loop_spill_stores'])} store spills inside a loop, "
+        f"{sum(1 for r in loop if r['loop_spill_loads'])} reload spilled values inside a loop (bold in the table):"
+        + "".join(f"\n  - `{ident(r)}`: {r['loop_spill_stores']} B stores / {r['loop_spill_loads']} B loads inside "
+                  f"loops ({r['spill_stores']} / {r['spill_loads']} B in all, {r['regs']} regs)" for r in loop),
         f"- largest shared memory: {big['smem'] / 1024:.1f} KB (`{ident(big)}`; limit {SMEM_LIMIT // 1024} KB); "
         f"{sum(1 for r in rows if r['smem'] > 192 * 1024)} kernels above 192 KB.",
         f"- MMA: {n_wg} kernels use wgmma, {len(mma) - n_wg} mma.sync:" + "".join(f"\n  - {x}" for x in sync),
@@ -441,18 +462,21 @@ def markdown(m, rows):
         f"{sum(1 for r in rows if r.get('warp_spec'))} warp-specialised ("
         + ", ".join(sorted({f"{r['threads']} threads" for r in rows if r.get('warp_spec')})) + ").",
         "",
-        "| kernel | variant | D | dtype | blocks | warps | stages | regs | spill st/ld (in loops) B | smem KB | MMA | "
-        "loads |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`warps/SM`: resident warps per SM on an H100/H200 from registers and shared memory alone "
+        "(`bench.static_report.occupancy`).",
+        "",
+        "| kernel | variant | D | dtype | blocks | warps | stages | regs | spill st/ld (in loops) B | smem KB | "
+        "warps/SM | MMA | loads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = _cfg(r).rsplit(" w", 1)[0]
         sp = "0"
         if r["spill_stores"] or r["spill_loads"]:
             sp = f"{r['spill_stores']}/{r['spill_loads']} ({r['loop_spill_stores']}/{r['loop_spill_loads']})"
-            sp = f"**{sp}**" if r["loop_spill_stores"] else sp
+            sp = f"**{sp}**" if r["loop_spill_stores"] or r["loop_spill_loads"] else sp
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['D'] or '-'} | {r['dtype']} | {b} | {r['warps']} | "
-                     f"{r['stages']} | {r['regs']} | {sp} | {r['smem'] / 1024:.1f} | {r['mma']} | "
+                     f"{r['stages']} | {r['regs']} | {sp} | {r['smem'] / 1024:.1f} | {occupancy(r)} | {r['mma']} | "
                      f"{r['async_loads']}{' + warp-specialised' if r.get('warp_spec') else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -491,8 +515,8 @@ def main(argv=None):
     print(f"{len(rows)} kernels ({m['compiled']} compiled) in {m['wall_s']} s -> {args.out}/sm90a.md")
     bad = problems(rows)
     if bad:
-        print("spill stores inside loops / shared memory over the limit (tests/test_static_report.py allow-lists "
-              "known ones):\n  " + "\n  ".join(bad))
+        print("spill stores or reloads inside loops / shared memory over the limit (tests/test_static_report.py "
+              "allow-lists known ones):\n  " + "\n  ".join(bad))
     return 0
 
 

@@ -42,13 +42,13 @@ PREFILL = [c for c in GRID if c[3] > 16]  # T <= 16 decodes with the split-KV ke
 @pytest.mark.parametrize("case", PREFILL, ids=[_id(c) for c in PREFILL])
 def test_tma_forward_matches_reference(case, dtype, forced):
     B, H, Hkv, T, S, D, kw = case
-    if dtype == torch.bfloat16 and tma.att.INTERP and T > S:
+    if dtype == torch.bfloat16 and tma.ac.INTERP and T > S:
         pytest.skip("interpreter: its truncating bf16 store exceeds 2x here, in the pointer kernel alike")
     check_case(B, H, Hkv, T, S, D, dtype, **dict(kw))
     assert forced, "the TMA kernel did not run"
 
 
-TMA_PARAMS = [(c, i) for c in GPU_CASES for i in range(len(tma.TMA_CONFIGS[tma.att._dbucket(c[5])]))]
+TMA_PARAMS = [(c, i) for c in GPU_CASES for i in range(len(tma.TMA_CONFIGS[tma.ac._dbucket(c[5])]))]
 
 
 @pytest.mark.parametrize("case,config", TMA_PARAMS, ids=[f"{_id(c)}-config{i}" for c, i in TMA_PARAMS])
@@ -99,7 +99,7 @@ def test_static_record_shows_tma_and_warp_specialisation():
     with open(os.path.join(ROOT, "bench", "results", "static", "sm90a.json")) as f:
         rows = [r for r in json.load(f)["rows"] if r["kernel"] == "attention_tma._fwd_tma_kernel"]
     from bench.static_report import DTYPES, HEAD_DIMS, VARIANTS
-    from xlkernels.triton.attention import _dbucket
+    from xlkernels.triton.attention_common import _dbucket
     per = sum(len(tma.TMA_CONFIGS[_dbucket(max(16, 1 << (d - 1).bit_length()))]) for d in HEAD_DIMS)
     assert len(rows) == per * len(DTYPES) * len(VARIANTS)
     assert all(r["async_loads"] == "tma" and r["mma"] == "wgmma" and r["loop_spill_stores"] == 0 for r in rows)
@@ -132,7 +132,7 @@ def test_hf_strided_views_match_the_pointer_kernel(D, monkeypatch, forced):
     ref = ref * gate.double()[:, None, None] + shift.double()[:, None, :]
     assert torch.isfinite(got).all()
     assert (got.double() - ref).abs().max() <= 2 * (ptr.double() - ref).abs().max() + 1e-3
-    if tma.att.INTERP:  # same blocks in the same order: bit for bit
+    if tma.ac.INTERP:  # same blocks in the same order: bit for bit
         assert torch.equal(got, ptr)
     else:  # the autotuner may pick other tiles for the two kernels
         torch.testing.assert_close(got, ptr, atol=2e-3, rtol=0)

@@ -11,6 +11,7 @@ import xlkernels.ops.steered_attention  # noqa: F401 (registers torch.ops.xlkern
 from xlkernels import backend
 from xlkernels.reference import attention as ref_attn
 from xlkernels.triton import attention as tri
+from xlkernels.triton import attention_common as tri_com
 from xlkernels.triton import attention_bwd as tri_bwd
 from xlkernels.triton import attention_decode as tri_dec
 from xlkernels.triton import grids
@@ -18,7 +19,7 @@ from xlkernels.triton import grids
 HAS_GPU = torch.cuda.is_available()
 TOL = 2.0
 # triton tests run on CPU tensors under the interpreter here, and on CUDA (compiled) where there is a GPU
-TDEV = "cpu" if tri.INTERP else "cuda"
+TDEV = "cpu" if tri_com.INTERP else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def check_case(B, H, Hkv, T, S, D, dtype, be="triton", grads=True, device=None, 
             floor += 6 * n ** 0.5 * rms(do) * rms_out_err
         assert e <= TOL * e_pt + floor, f"{name}: error {e:.3e} > {TOL} x pytorch {e_pt:.3e} + {floor:.1e}"
         # (the interpreter casts fp32 -> bf16 by truncation, a -0.7u bias the GPU's round-to-nearest lacks)
-        if dtype in U and be == "triton" and not (tri.INTERP and dtype == torch.bfloat16):
+        if dtype in U and be == "triton" and not (tri_com.INTERP and dtype == torch.bfloat16):
             check_low_precision(name, got, r, U[dtype], walk)
     return out, ref
 
@@ -382,7 +383,7 @@ def test_atomic_dq_off_in_torch_deterministic_mode(monkeypatch):
 def test_folded_grids(monkeypatch):
     """(batch, head) pairs folded over grid axes 1 and 2, with spare programs: AXIS_MAX lowered to 4."""
     monkeypatch.setattr(grids, "AXIS_MAX", 4)
-    assert tri.row_grid(40, 10, 32) == (2, 4, 3)
+    assert tri_com.row_grid(40, 10, 32) == (2, 4, 3)
     check_case(5, 2, 1, 40, 40, 16, torch.float32, kpm="some", shift="bhd")  # 10 heads in 12 programs
     assert tri_dec.decode_grids(5, 2)[0] == (2, 3, 2)
     check_case(5, 2, 1, 3, 40, 16, torch.float32)  # decode: 5 packs of 2 heads in 6 programs
@@ -395,7 +396,7 @@ GPU_CASES = [
     (1, 2, 1, 70, 50, 256, dict(causal=False, sliding_window=30, zero_heads=(1,))),
 ]
 TABLES = (tri.FWD_CONFIGS, tri_bwd.DKDV_CONFIGS, tri_bwd.DQ_CONFIGS)
-GPU_PARAMS = [(c, i) for c in GPU_CASES for i in range(max(len(t[tri._dbucket(c[5])]) for t in TABLES))]
+GPU_PARAMS = [(c, i) for c in GPU_CASES for i in range(max(len(t[tri_com._dbucket(c[5])]) for t in TABLES))]
 
 
 @pytest.mark.parametrize("case,config", GPU_PARAMS, ids=[f"{_id(c)}-config{i}" for c, i in GPU_PARAMS])
@@ -409,7 +410,7 @@ def test_gpu_tile_configs(case, config, monkeypatch):
     check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
 
 
-ATOMIC_GPU = [(c, i) for c in GPU_CASES for i in range(len(tri_bwd.DKDV_ATOMIC_CONFIGS[tri._dbucket(c[5])]))]
+ATOMIC_GPU = [(c, i) for c in GPU_CASES for i in range(len(tri_bwd.DKDV_ATOMIC_CONFIGS[tri_com._dbucket(c[5])]))]
 
 
 class _Tiles:
@@ -433,16 +434,16 @@ def test_atomic_dq_gpu_tile_configs(case, config, monkeypatch, atomic_dq):
     monkeypatch.setattr(tri_bwd, "_bwd_dkdv_kernel", _Tiles(tri_bwd._bwd_dkdv_kernel, seen))
     B, H, Hkv, T, S, D, kw = case
     check_case(B, H, Hkv, T, S, D, torch.float16, **dict(kw))
-    cfg = tri_bwd.DKDV_ATOMIC_CONFIGS[tri._dbucket(D)][config]
+    cfg = tri_bwd.DKDV_ATOMIC_CONFIGS[tri_com._dbucket(D)][config]
     assert seen == [(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)]
 
 
 def test_dkdv_tables_autotuned_apart(monkeypatch):
     """The dK/dV kernel's two tables get separate autotuners (the cache key holds the table, not only the name)."""
-    monkeypatch.setattr(tri, "_TUNED", {})
+    monkeypatch.setattr(tri_com, "_TUNED", {})
     for table in (tri_bwd.DKDV_CONFIGS, tri_bwd.DKDV_ATOMIC_CONFIGS):
         for b in (64, 128, 256):
-            assert tri._tuned(tri_bwd._bwd_dkdv_kernel, table, b).configs == table[b]
+            assert tri_com._tuned(tri_bwd._bwd_dkdv_kernel, table, b).configs == table[b]
 
 
 @pytest.mark.parametrize("sms,D,splits", [(1, 64, 1), (3, 64, 3), (132, 64, 5), (132, 256, 4)])
@@ -600,8 +601,8 @@ f32 = dict(Lse="fp32", Delta="fp32", Gate="fp32", Shift="fp32", Kpm="i8", Part="
 io = {n: dt for n in ("Q", "K", "V", "Out", "ORaw", "DO", "DQ", "DK", "DV", "O")}
 p = {**io, **f32}
 build(A._fwd_kernel, p, dict(c, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True, BLOCK_M=64, BLOCK_N=64))
-build(AB._bwd_dkdv_kernel, p, dict(c, ATOMIC_DQ=False, BLOCK_M=16, BLOCK_N=64))
-build(AB._bwd_dkdv_kernel, dict(p, DQ="fp32"), dict(c, ATOMIC_DQ=True, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, p, dict(c, ATOMIC_DQ=False, HOIST=True, BLOCK_M=16, BLOCK_N=64))
+build(AB._bwd_dkdv_kernel, dict(p, DQ="fp32"), dict(c, ATOMIC_DQ=True, HOIST=False, BLOCK_M=16, BLOCK_N=64))
 build(AB._bwd_dq_kernel, p, dict(c, BLOCK_M=64, BLOCK_N=32))
 build(AD._split_kernel, p, dict(c, SKIP_ZERO=True, PACK=4, BLOCK_M=16, BLOCK_N=64))
 build(AD._combine_kernel, p, dict(HEAD_D=80, HAS_GATE=True, HAS_SHIFT=True, SKIP_ZERO=True, SAVE_RAW=True,

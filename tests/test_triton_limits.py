@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xlkernels import backends
-from xlkernels.triton import attention as ta
+from xlkernels.triton import attention_common as ta
 from xlkernels.triton import attention_decode as td
 from xlkernels.triton import glu as tg
 from xlkernels.triton import grids

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from . import grids
-from .attention import (_cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common, launch,
-                        row_grid)
+from .attention_common import (_cfg, _empty, _empty_like, _key_ranges, _pos_mask, _q_block, _scores, bucket, common,
+                               launch, row_grid)
 from .grids import folded_id
 
 
@@ -49,12 +49,14 @@ def _dkdv_inner(dk, dv, k, v, kp, g, Q, DO, Lse, Delta, DQ, sqt, sdt, sdqt, star
                 window, scale, scale_log2, sc_scale, sc_log2,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, HOIST: tl.constexpr):
     """Transposed form (as the Triton tutorial): scores^T = k q^T is (BLOCK_N, BLOCK_M), no transposes of P.
-    ATOMIC_DQ: also add this key block's dQ = scale * dS K (dS = dsT^T, gate included) to the fp32 buffer DQ."""
+    ATOMIC_DQ: also add this key block's dQ = scale * dS K (dS = dsT^T, gate included) to the fp32 buffer DQ.
+    HOIST=False: the loop-invariant address and mask arithmetic is recomputed in the loop instead of being kept
+    live across it (a few integer ops per block; for the configs that would otherwise spill it)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     dmask = offs_d < HEAD_D
-    for start_m in range(start, stop, BLOCK_M):
+    for start_m in tl.range(start, stop, BLOCK_M, disable_licm=not HOIST):
         offs_m = start_m + offs_m0
         rm = offs_m.to(tl.int64)
         if MASK:
@@ -129,7 +131,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm, DQ,
                      HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_GATE: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOIST: tl.constexpr = True):
     pid_n = tl.program_id(0)
     bhk = folded_id()
     if bhk >= BHK:
@@ -156,7 +158,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm, DQ,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _query_ranges(n0, T, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for j in range(0, GROUP):
+    # GQA: the group's query heads one after another. Each runs three query-block loops (masked / full / masked), and
+    # each loop's pipeline prologue needs that head's addresses and masks. Hoisted above this loop (LICM) they
+    # stayed live across all three query loops and ptxas spilled them, reloading on every head: 4-212 B per thread
+    # in 84 rows of the static record (issue 19 §2). disable_licm keeps that set-up in the head's own iteration.
+    for j in tl.range(0, GROUP, disable_licm=True):
         h = hk * GROUP + j
         g = 1.0
         stop = hi
@@ -171,15 +177,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Gate, Kpm, DQ,
         dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
                              lo, tl.minimum(full_lo, stop), offs_n, offs_d, T, S, off, window, scale,
                              scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D,
-                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
+                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ, HOIST)
         dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
                              tl.minimum(full_lo, stop), tl.minimum(full_hi, stop), offs_n, offs_d, T, S, off,
                              window, scale, scale_log2, sc_scale, sc_log2, False, CAUSAL, HAS_WINDOW,
-                             HAS_SOFTCAP, HEAD_D, BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
+                             HAS_SOFTCAP, HEAD_D, BLOCK_M, UPCAST, PREC, ATOMIC_DQ, HOIST)
         dk, dv = _dkdv_inner(dk, dv, k, v, kp, g, q_base, do_base, lse_base, dl_base, dq_base, sqt, sdt, sdqt,
                              tl.minimum(full_hi, stop), stop, offs_n, offs_d, T, S, off, window, scale,
                              scale_log2, sc_scale, sc_log2, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HEAD_D,
-                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ)
+                             BLOCK_M, UPCAST, PREC, ATOMIC_DQ, HOIST)
     smask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + rn[:, None] * sdks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=smask)
@@ -282,22 +288,25 @@ def atomic_dq() -> bool:
     return not DETERMINISTIC and not torch.are_deterministic_algorithms_enabled()
 
 
-# Per head-dim bucket; spill-free inside the loops on sm_90 (see attention.FWD_CONFIGS).
+# Per head-dim bucket; no spill stores or reloads inside any loop on sm_90a, fp16/bf16, plain and full (the static
+# record, bench/results/static/sm90a.md). HOIST=False (see _dkdv_inner) where the query loop's hoisted arithmetic
+# was otherwise spilled across it (issue 19 §2; figures without it): D 64 M64 N128 (8 B reloaded in the head loop,
+# full) and D 256 M16 N64 (104-136 B reloaded, 8-12 B stored).
 DKDV_CONFIGS = {
-    64: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3)],
-    # 2026-11-30: M32 N128 w8 s2 added at D 128 (twice the query depth per wgmma; 80 B spilled outside the
-    # loop, 16 B reloaded inside); at D 256 M16 N32 w4 (56 B spill stores in the loop) replaced by M16 N64 w8,
-    # the first D 256 dK/dV config on wgmma (64-key tile = one warpgroup's M; 132 B reloads in the loop, no
-    # stores). The two mma.sync configs stay for the autotuner.
+    64: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3, HOIST=False), _cfg(32, 64, 4, 3)],
+    # 2026-11-30: M32 N128 w8 s2 added at D 128 (twice the query depth per wgmma); at D 256 M16 N32 w4 (56 B spill
+    # stores in the loop) replaced by M16 N64 w8, the first D 256 dK/dV config on wgmma (64-key tile = one
+    # warpgroup's M). The two mma.sync configs stay for the autotuner.
     128: [_cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3), _cfg(32, 128, 8, 2)],
-    256: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2)],
+    256: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2, HOIST=False)],
 }
-# dK/dV with ATOMIC_DQ (the extra dS^T K product and its fp32 tile): no spill stores inside the loops on sm_90a,
-# fp16/bf16, D 64-256, plain and full (bench/NOTES.md, "opt-in atomic dQ"). The 64-query-row configs tried and
-# the D 256 64-key (wgmma) ones all store spills in the loop, so D 256 stays on mma.sync.
+# dK/dV with ATOMIC_DQ (the extra dS^T K product and its fp32 tile), with the same guarantee (bench/NOTES.md, "opt-in
+# atomic dQ"; M32 N64 w8 with HOIST=False: without it 12-160 B reloaded in the head loop, up to 8 B stored). The
+# 64-query-row configs tried and the D 256 64-key (wgmma) ones all store spills in the loop, so D 256 stays on
+# mma.sync.
 DKDV_ATOMIC_CONFIGS = {
     64: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)],
-    128: [_cfg(16, 128, 8, 2), _cfg(16, 128, 8, 3), _cfg(32, 64, 8, 2)],
+    128: [_cfg(16, 128, 8, 2), _cfg(16, 128, 8, 3), _cfg(32, 64, 8, 2, HOIST=False)],
     256: [_cfg(16, 32, 8, 2), _cfg(16, 32, 8, 3), _cfg(32, 16, 8, 2)],
 }
 DQ_CONFIGS = {

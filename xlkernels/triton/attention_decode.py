@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import grids
-from .attention import _fwd_factor, _fwd_inner, _key_ranges
+from .attention_common import _fwd_factor, _fwd_inner, _key_ranges
 from .grids import folded_id
 
 # One program per (key split, batch, pack of PACK query heads sharing a KV head): the M rows are

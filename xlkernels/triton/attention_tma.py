@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention as att
+from . import attention_common as ac
 from . import grids
-from .attention import _fwd_epilogue, _pos_mask, _q_block, _softmax_step, _tanh, folded_id
+from .attention_common import _fwd_epilogue, _fwd_factor, _key_ranges, _pos_mask, _q_block, _softmax_step, _tanh
+from .grids import folded_id
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -70,7 +71,7 @@ def _fwd_tma_kernel(Qd, Kd, Vd, Out, ORaw, Lse, Gate, Shift, Kpm,
     g = 1.0
     if HAS_GATE:
         g = tl.load(Gate + b * sgb + h * sgh).to(tl.float32)
-    lo, full_lo, full_hi, hi = att._key_ranges(m0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_ranges(m0, S, off, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     if SKIP_ZERO:
         hi = tl.where(g == 0.0, lo, hi)
     hi = tl.where(spare, lo, hi)
@@ -81,7 +82,7 @@ def _fwd_tma_kernel(Qd, Kd, Vd, Out, ORaw, Lse, Gate, Shift, Kpm,
     q = Qd.load([b32, h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
-    fac = att._fwd_factor(scale_log2, sc_log2, HAS_SOFTCAP)
+    fac = _fwd_factor(scale_log2, sc_log2, HAS_SOFTCAP)
     kp_base = Kpm + b * skpb
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -141,7 +142,7 @@ def usable(q, k, v) -> bool:
     if MODE == "0" or TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if MODE != "1":
-        if q.device.type != "cuda" or att.INTERP or torch.cuda.get_device_capability(q.device)[0] != 9:
+        if q.device.type != "cuda" or ac.INTERP or torch.cuda.get_device_capability(q.device)[0] != 9:
             return False
     return all(_describable(x) for x in (q, k, v))
 
@@ -153,13 +154,13 @@ def _desc(x, rows, block_d):
 def forward(q, k, v, out, o_r, lse, g, gs, sh, ss, kp, kps, B, H, T, Hkv, S, consts, scal, skip, save_raw,
             has_shift):
     bd = consts["BLOCK_D"]
-    cfg = att.forced_config(TMA_CONFIGS, bd)
-    # the boxes of the tile att.launch will run; autotuned configs set their own in _blocks
-    bm, bn = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) if cfg else att.INTERP_BLOCKS if att.INTERP else (64, 64)
+    cfg = ac.forced_config(TMA_CONFIGS, bd)
+    # the boxes of the tile ac.launch will run; autotuned configs set their own in _blocks
+    bm, bn = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) if cfg else ac.INTERP_BLOCKS if ac.INTERP else (64, 64)
     descs = (_desc(q, bm, bd), _desc(k, bn, bd), _desc(v, bn, bd))
     args = (*descs, out, o_r, lse, g, sh, kp, out.stride(0), out.stride(1), out.stride(2),
             o_r.stride(0), o_r.stride(1), o_r.stride(2), gs[0], gs[1], ss[0], ss[1], kps,
             B * H, H, H // Hkv, T, S, scal["window"], scal["scale_log2"], scal["sc_scale"], scal["sc_log2"],
-            att.bucket(T), att.bucket(S))
-    att.launch(_fwd_tma_kernel, TMA_CONFIGS, lambda meta: att.row_grid(T, B * H, meta["BLOCK_M"]), bd, args,
+            ac.bucket(T), ac.bucket(S))
+    ac.launch(_fwd_tma_kernel, TMA_CONFIGS, lambda meta: ac.row_grid(T, B * H, meta["BLOCK_M"]), bd, args,
                dict(consts, HAS_SHIFT=has_shift, SKIP_ZERO=skip, SAVE_RAW=save_raw))
