@@ -318,9 +318,23 @@ def _compile_forked(i):
     return compile_one(_FORKED[i])
 
 
-def run(rows, use_cache=True, workers=1):
-    """Fill each row's figures: cached ones, the rest compiled (`workers` processes; triton's own cache goes to a
-    temporary directory). use_cache=False neither reads nor writes the cache."""
+FIGURE_FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "loop_spill_stores", "loop_spill_loads", "smem", "mma",
+                 "async_loads", "compile_s", "warp_spec", "threads")
+
+
+def record_figures(path):
+    """{compile key: figures} of a record written by this script. Its rows count as compiled for a job whose key
+    (FIGURES, triton version, target, the kernel's source with its callees, signature, constants, options) is
+    the same: what the compiler would do again."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {r["key"]: {k: r[k] for k in FIGURE_FIELDS} for r in rows}
+
+
+def run(rows, use_cache=True, workers=1, reuse=None):
+    """Fill each row's figures: cached ones, then those of `reuse` ({key: figures}, e.g. the committed record),
+    the rest compiled (`workers` processes; triton's own cache goes to a temporary directory). use_cache=False
+    neither reads nor writes the cache."""
     import tempfile
     from triton import knobs
     path = _cache_path()
@@ -331,6 +345,8 @@ def run(rows, use_cache=True, workers=1):
     todo = {}
     for r in rows:
         r["key"] = _key(r["_job"])
+        if r["key"] not in cache and reuse and r["key"] in reuse:
+            cache[r["key"]] = reuse[r["key"]]
         if r["key"] not in cache:
             todo.setdefault(r["key"], r["_job"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -489,6 +505,9 @@ def main(argv=None):
                    help="directory for sm90a.md and sm90a.json (default bench/results/static)")
     p.add_argument("--json", default=None, help="write only this JSON file (no Markdown)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--reuse", default=None, metavar="RECORD",
+                   help="take the figures of jobs whose compile key is in this record (e.g. the committed "
+                        "sm90a.json) instead of compiling them again; changed kernels still compile")
     p.add_argument("--atomic-dq", action="store_true",
                    help="only the dK/dV rows of the non-deterministic atomic-dQ backward (XLKERNELS_DETERMINISTIC=0), "
                         "variant `<variant>+atomic-dq` (the default run records them too)")
@@ -499,7 +518,8 @@ def main(argv=None):
     rows = jobs(**SUBSET) if args.subset else jobs()
     if args.atomic_dq:
         rows = [r for r in rows if r["variant"].endswith("+atomic-dq")]
-    rows, compiled = run(rows, use_cache=not args.no_cache, workers=args.jobs)
+    reuse = record_figures(args.reuse) if args.reuse else None
+    rows, compiled = run(rows, use_cache=not args.no_cache, workers=args.jobs, reuse=reuse)
     m = meta(time.perf_counter() - t0, compiled)
     doc = {"meta": m, "rows": rows}
     if args.json:
