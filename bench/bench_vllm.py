@@ -153,17 +153,12 @@ def main(argv=None) -> int:
         st.reset()
         return int(N.collect_stats(st, tok, corpus, max_length=512, progress=False).tokens[0].sum())
 
-    def hf_generate():
-        outs = []
-        for lg in ("de", "fr"):   # one steered batch per bank language (the HF steerer applies one row)
-            idx = [i for i in order if langs[i] == lg]
-            st.reset()
-            plan.apply(st, target=[lg])
-            gen, _ = generate(model, tok, [prompts[i] for i in idx], new, batch_size=len(idx),
-                              min_new_tokens=new)
-            outs += gen
+    def hf_generate():   # one batch, prompts sorted by length, each steered with its own bank language
         st.reset()
-        return sum(len(g) for g in outs)
+        plan.apply(st, target=[langs[i] for i in order])
+        gen, _ = generate(model, tok, [prompts[i] for i in order], new, batch_size=n_prompts, min_new_tokens=new)
+        st.reset()
+        return sum(len(g) for g in gen)
 
     engines, starts = {}, {}
     ncpu = len(os.sched_getaffinity(0))
@@ -204,7 +199,7 @@ def main(argv=None) -> int:
             print(f"round {r} {op:8} {p:26} {amount[(op, p)] / s:9.1f} tokens/s", flush=True)
     for e in engines.values():
         e.close()
-    del engines, llm
+    del engines
 
     rows = []
     for (op, p), ts in times.items():

@@ -108,7 +108,12 @@ def replace_activations(model) -> list:
                 log.warning("xlkernels.vllm: %s.%s (%s) has no fused kernel here; its neurons are not hooked",
                             qual, name, type(child).__name__)
                 continue
-            todo.append((parent, name, child, extract_layer_index(f"{qual}.{name}"), act))
+            try:
+                layer = extract_layer_index(f"{qual}.{name}")
+            except (AssertionError, ValueError):   # not inside one numbered decoder layer
+                log.warning("xlkernels.vllm: %s.%s is not in a numbered layer; its neurons are not hooked", qual, name)
+                continue
+            todo.append((parent, name, child, layer, act))
     layers = []
     for parent, name, child, layer, act in todo:
         new = copy.copy(child)

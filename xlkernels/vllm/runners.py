@@ -16,7 +16,6 @@ import functools
 
 import numpy as np
 
-from . import ops
 from .install import install
 from .plans import resolve
 
@@ -166,7 +165,3 @@ def patch() -> None:
     _wrap(v2.GPUModelRunner, "prepare_inputs", _v2_prepare_inputs)
     _wrap(v2.GPUModelRunner, "execute_model", _v2_execute_model)
 
-
-def state_of(runner):
-    """The worker's state (or None): for the worker extension and tests."""
-    return _state(runner) or ops.STATE
