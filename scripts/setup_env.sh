@@ -30,5 +30,6 @@ if [[ ${XLKERNELS_OFFLINE:-0} != 1 ]] && "$VPY" -m pip download -q --no-deps -d 
   "$VPY" -m pip install -q "${pins[@]}" -r requirements.txt
 fi
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+[[ ${XLKERNELS_OFFLINE:-0} == 1 ]] || bash scripts/get_corpus.sh "$VENV"   # the default corpus of reproduce / eval
 "$VPY" -c "import xlkernels, sys; sys.exit(0 if xlkernels.ext_info()['cpu'] else 1)" || { echo "xlkernels._C (CPU) failed to build" >&2; exit 1; }
 "$VPY" -m pip freeze --exclude-editable > "$VENV/.xlk-versions.txt"

@@ -1,0 +1,184 @@
+"""What the rows measure on the model: packed held-out NLL per text, forced-choice translation retrieval by
+likelihood, steered generation with strict language labels, fluency under the target-language prompt, chrF."""
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import Counter
+
+import torch
+
+from ..evaluation import langid
+from ..tokens import pad_id_of, pad_right, token_nll
+
+NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian", "zh_Hans": "Chinese",
+         "ja": "Japanese", "ar": "Arabic", "it": "Italian", "pt_BR": "Portuguese", "nl": "Dutch", "pl": "Polish"}
+
+
+def _model(m):
+    return m.model if hasattr(m, "record_neurons") else m
+
+
+def _dev(model):
+    return model.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------------------------------------- NLL
+@torch.no_grad()
+def packed_nll(model, tok, texts, window: int = 192, context: int = 64, batch: int = 8):
+    """Per-text (NLL sums (n,), token counts (n,)) of texts scored inside a packed stream: BOS, then the texts
+    joined by newlines, cut into windows of `window` tokens that overlap by `context`; a token is scored once,
+    in the first window where it has >= `context` tokens before it. So no scored token sits right after BOS
+    or at the start of a window, and a text's first tokens are conditioned on the texts before it."""
+    if not 0 < context < window:
+        raise ValueError(f"need 0 < context < window, got {context}, {window}")
+    model = _model(model)
+    stream, owner = [tok.bos_token_id] if tok.bos_token_id is not None else [], []
+    owner = [-1] * len(stream)
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    for i, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        stream += ids + nl
+        owner += [i] * len(ids) + [-1] * len(nl)
+    rows, labels = [], []
+    start, step = 0, window - context
+    while start + context < len(stream):
+        ids = stream[start:start + window]
+        lab = [-100] * len(ids)
+        for p in range(context, len(ids)):
+            if owner[start + p] >= 0:
+                lab[p] = ids[p]
+        rows.append((ids, lab, start))
+        start += step
+    sums = torch.zeros(len(texts), dtype=torch.float64)
+    counts = torch.zeros(len(texts), dtype=torch.long)
+    dev = _dev(model)
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        ids, mask = pad_right([r[0] for r in chunk], pad_id_of(tok), dev)
+        lab = torch.full_like(ids, -100)
+        for b, r in enumerate(chunk):
+            lab[b, :len(r[1])] = torch.tensor(r[1])
+        nll, valid = token_nll(model, ids, mask, lab)
+        for b, r in enumerate(chunk):
+            pos = valid[b].nonzero().flatten() + 1      # nll[:, t] predicts token t + 1
+            own = torch.tensor([owner[r[2] + int(p)] for p in pos], dtype=torch.long)
+            sums.index_add_(0, own, nll[b, pos - 1].double().cpu())
+            counts.index_add_(0, own, torch.ones_like(own))
+    return sums, counts
+
+
+# ---------------------------------------------------------------------------------------------- choices
+@torch.no_grad()
+def continuation_nll(model, tok, prompts, conts, batch: int = 16, before=None, positions: bool = False):
+    """Per-pair (NLL sum, token count) of continuation `conts[i]` (text, or token ids) after `prompts[i]`.
+    before(rows, batch) -> context manager entered around each forward (rows: the pair ids in the batch);
+    with positions=True it also gets the batch's last prompt positions (B,) long."""
+    model = _model(model)
+    seqs = []
+    for p, c in zip(prompts, conts):
+        a = list(tok(p)["input_ids"])
+        b = list(c) if not isinstance(c, str) else list(tok(c, add_special_tokens=False)["input_ids"])
+        seqs.append((a, b))
+    sums = torch.zeros(len(seqs), dtype=torch.float64)
+    counts = torch.zeros(len(seqs), dtype=torch.long)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    dev = _dev(model)
+    for s in range(0, len(order), batch):
+        rows = [i for i in order[s:s + batch] if seqs[i][1]]
+        if not rows:
+            continue
+        ids, mask = pad_right([seqs[i][0] + seqs[i][1] for i in rows], pad_id_of(tok), dev)
+        lab = torch.full_like(ids, -100)
+        for r, i in enumerate(rows):
+            a, b = seqs[i]
+            lab[r, len(a):len(a) + len(b)] = torch.tensor(b)
+        last = torch.tensor([len(seqs[i][0]) - 1 for i in rows], dtype=torch.long, device=dev)
+        ctx = contextlib.nullcontext() if before is None else (
+            before(rows, {"input_ids": ids, "attention_mask": mask}, last) if positions else
+            before(rows, {"input_ids": ids, "attention_mask": mask}))
+        with ctx:
+            nll, valid = token_nll(model, ids, mask, lab)
+        sums[rows] = nll.double().sum(1).cpu()
+        counts[rows] = valid.sum(1).cpu()
+    return sums, counts
+
+
+def retrieval_items(src: list, en: list, lang: str, seed: int = 0):
+    """Forced-choice translation retrieval: item i = (prompt "<Lang>: src[i]\\nEnglish:", the true English
+    sentence, a distractor = another item's English sentence of the nearest length). Balanced by design:
+    every item has one right and one wrong answer. Returns (prompts, true, wrong)."""
+    n = len(src)
+    if n < 2 or len(en) != n:
+        raise ValueError("retrieval needs >= 2 aligned pairs")
+    rng = random.Random(seed)
+    order = sorted(range(n), key=lambda i: (len(en[i]), rng.random()))
+    wrong = [None] * n
+    for k, i in enumerate(order):
+        wrong[i] = en[order[k + 1 if k + 1 < n else k - 1]]
+    prompts = [f"{NAMES.get(lang, lang)}: {s}\nEnglish:" for s in src]
+    return prompts, [" " + e for e in en], [" " + w for w in wrong]
+
+
+def choice_correct(model, tok, prompts, true, wrong, before=None, positions=False, batch=16) -> torch.Tensor:
+    """(n,) bool: the true continuation has the lower mean NLL per token than the distractor."""
+    n = len(prompts)
+    s, c = continuation_nll(model, tok, list(prompts) * 2, list(true) + list(wrong), batch,
+                            _twice(before, n) if before else None, positions)
+    m = s / c.clamp_min(1)
+    return m[:n] < m[n:]
+
+
+def _twice(before, n):
+    """Row ids of the doubled (true, wrong) list mapped back to item ids."""
+    def wrap(rows, *a):
+        return before([r % n for r in rows], *a)
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def generate_cell(steerer, tok, prompts, steer=None, max_new_tokens: int = 24, batch: int = 16):
+    """Greedy generations (texts, token ids) of `prompts` under steer(batch) (a context manager or None)."""
+    from ..evaluation.generation import generate
+    ids, _ = generate(steerer.model, tok, prompts, max_new_tokens, batch, steer)
+    return [tok.decode(g, skip_special_tokens=True) for g in ids], ids
+
+
+def success(labels, target) -> torch.Tensor:
+    """(n,) bool: labelled as the target language (a degenerate or unknown output is a failure)."""
+    return torch.tensor([x == target for x in labels], dtype=torch.bool)
+
+
+def outside(labels, source) -> torch.Tensor:
+    """(n,) bool: identified as a language other than `source` (degenerate and unknown are failures)."""
+    return torch.tensor([x not in (source, langid.UNKNOWN, langid.DEGENERATE) for x in labels], dtype=torch.bool)
+
+
+def fluency(steerer, tok, target_prompts, gen_ids, batch: int = 16):
+    """Per-generation mean NLL of its tokens under the UNSTEERED model after the parallel target-language
+    prompt (so a switch into the target language is not counted as disfluency); NaN for empty outputs."""
+    with steerer.unsteered():
+        s, c = continuation_nll(steerer.model, tok, target_prompts, gen_ids, batch)
+    return torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------- chrF
+def chrf(hyp: str, ref: str, order: int = 6, beta: float = 2.0) -> float:
+    """Sentence chrF (character n-grams 1..order, whitespace removed, beta 2: sacrebleu's chrF defaults), 0-100."""
+    h, r = "".join(hyp.split()), "".join(ref.split())
+    precs, recs = [], []
+    for n in range(1, order + 1):
+        hc = Counter(h[i:i + n] for i in range(len(h) - n + 1))
+        rc = Counter(r[i:i + n] for i in range(len(r) - n + 1))
+        if not hc or not rc:
+            continue
+        m = sum((hc & rc).values())
+        precs.append(m / sum(hc.values()))
+        recs.append(m / sum(rc.values()))
+    if not precs:
+        return 0.0
+    p, rr = sum(precs) / len(precs), sum(recs) / len(recs)
+    if p + rr == 0:
+        return 0.0
+    b2 = beta * beta
+    return 100 * (1 + b2) * p * rr / (b2 * p + rr)
