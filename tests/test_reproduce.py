@@ -137,17 +137,18 @@ def test_degenerate_output_is_never_a_success():
     assert m["lines"] == 2 and m["line"] == 0.5 and 0 < m["word"] < 1
 
 
-class _FakeCells:
+class _FakeCells(steer.Cells):
     """Success rate per strength: dev and test disagree on the best one."""
 
     def __init__(self, rates, n=64):
-        self.rates, self.n, self.langs = rates, n, ["en", "de"]
+        self.rates, self.n, self.langs, self.prompts = rates, n, ["en", "de"], ["p"] * n
 
-    def run(self, steer=None):
+    def run(self, steer=None, idx=None):
         a = getattr(steer, "strength", 0.0)
         k = round(self.rates.get(a, 0.0) * self.n)
-        return {"labels": ["de"] * k + ["en"] * (self.n - k), "texts": ["x"] * self.n,
-                "fluency": torch.full((self.n,), 2.0)}
+        labels = ["de"] * k + ["en"] * (self.n - k)
+        idx = range(self.n) if idx is None else idx
+        return {"labels": [labels[i] for i in idx], "texts": ["x"] * len(idx), "fluency": torch.full((len(idx),), 2.0)}
 
     def base(self):
         return self.run()
@@ -244,3 +245,83 @@ def test_packed_nll_scores_each_token_once_with_context():
     n = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert c[0] <= n[0] and (c[1:] == torch.tensor(n[1:])).all()    # only the stream's first tokens go unscored
     assert torch.isfinite(s).all() and (s[c > 0] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- round robin, new rows
+def test_round_robin_partitions_the_items():
+    parts = controls.round_robin(23, 10)
+    assert sorted(i for p in parts for i in p) == list(range(23)) and all(i % 10 == s for s, p in enumerate(parts) for i in p)
+    with pytest.raises(ValueError):
+        controls.round_robin(5, 0)
+
+
+def test_ablation_with_round_robin_cells():
+    """Only one other language per text and one seed per text scored (NaN elsewhere): the verdicts stand."""
+    K, n, S = 4, 80, 10
+    for own, other, want in ((0.5, 0.05, True), (0.05, 0.5, False)):
+        base, off, rnd = _ablation(own, other, 0.02, K=K, n=n, S=S)
+        for k in range(K):
+            others = [x for x in range(K) if x != k]
+            for i in range(n):
+                for p, x in enumerate(others):
+                    if i % (K - 1) != p:
+                        off[k, x, i] = float("nan")
+            for s in range(S):
+                rnd[k, s, [i for i in range(n) if i % S != s]] = float("nan")
+        row = C.ablation("x", "p", base, off, rnd, list("abcd"))
+        assert row["holds"] is want and not math.isnan(row["details"]["stat"])
+
+
+def test_loss_drop_holds_fails_undecided():
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    base = torch.rand(100, generator=g, dtype=torch.float64) + 3
+    ctrl = base[None] + 0.01 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    assert C.loss_drop("m", "p", base, base - 0.2, ctrl)["holds"] is True
+    assert C.loss_drop("m", "p", base, base + 0.2, ctrl)["holds"] is False
+    assert C.loss_drop("m", "p", base, base - 0.2, base[None] - 0.2)["holds"] is not True   # random gates as good
+    assert C.loss_drop("m", "p", base[:5], base[:5] - 0.2, ctrl[:3, :5])["holds"] is None    # 3 seeds
+
+
+def test_steering_without_a_fluency_criterion():
+    n = 100
+    nan = torch.full((n,), float("nan"))
+    ctrl = _bern(0.05, n, 3)[None]
+    row = C.steering("o", "p", _bern(0.6, n, 4), ctrl, torch.zeros(n, dtype=torch.bool), nan, nan, min_rate=None,
+                     max_cost=None, seeds=10)
+    assert row["holds"] is True and "fluency" not in row["measured"] and "seed i mod S" in row["control"]
+    assert C.steering("o", "p", _bern(0.6, n, 4), ctrl, torch.zeros(n, dtype=torch.bool), nan, nan,
+                      min_rate=None, max_cost=None, seeds=3)["holds"] is None
+
+
+def test_average_precision_matches_its_definition():
+    from xlkernels.analysis.reproduce.experts import average_precision
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.rand(40, generator=g) < 0.3
+    y[0] = True
+    for u in range(5):
+        ranked = y[X[:, u].argsort(descending=True)].tolist()
+        hits = [sum(ranked[:k + 1]) / (k + 1) for k, r in enumerate(ranked) if r]
+        assert average_precision(X, y)[u].item() == pytest.approx(sum(hits) / len(hits))
+    perfect = torch.where(y, 1.0, 0.0)[:, None].double()
+    assert average_precision(perfect, y).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no positive"):
+        average_precision(X, torch.zeros(40, dtype=torch.bool))
+
+
+def test_retrieval_hits_on_planted_embeddings():
+    from xlkernels.analysis.reproduce.experts import retrieval_hits
+    E = torch.randn(3, 12, 16)
+    assert retrieval_hits(E, E + 0.01 * torch.randn(3, 12, 16)).tolist() == [1.0] * 12
+    assert retrieval_hits(E, E[:, [1, 0] + list(range(2, 12))])[:2].tolist() == [0.0, 0.0]
+    assert retrieval_hits(E, E[:, [4, 7]], [4, 7]).tolist() == [1.0, 1.0]
+
+
+def test_prefixed_nll_scores_a_subset_as_in_the_whole_set():
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("llama", seed=int(torch.randint(1000, (1,))), num_hidden_layers=2)
+    texts = [f"text number {i} has some words in it" for i in range(9)]
+    full = tasks.prefixed_nll(model, tok, texts, texts[-1:] + texts[:-1], context=16)
+    part = tasks.prefixed_nll(model, tok, texts[3:6], texts[2:5], context=16)
+    assert torch.allclose(full[3:6], part, atol=1e-5) and torch.isfinite(full).all()
+    other = tasks.prefixed_nll(model, tok, texts[3:6], ["zzz"] * 3, context=16)
+    assert not torch.allclose(other, part)

@@ -5,7 +5,8 @@ import time
 
 from ._common import add_model_arguments, load_model_from_args
 
-HELP = ("check each paper's claim on a model (LAPE, neuron classes, LAHIS, CLAIM, ITLC, INCLINE, MEXA, ANC): one "
+HELP = ("check each paper's claim on a model (LAPE, neuron classes, LAHIS, CLAIM, ITLC, INCLINE, MEXA, ANC, finding "
+        "experts): one "
         "row per claim, against a matched random control, with a 95% interval: holds / does not hold / undecided")
 EXAMPLES = """\
   xlkernels reproduce                         # embedded Gemma-3-270M on GNOME Help (7 languages), ./xlk_reproduce
@@ -32,7 +33,7 @@ def add_arguments(p):
     level.add_argument("--full", action="store_true", help="every test text, 20 seeds (hours on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits (default 0)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: neurons, heads, soft_mask, "
-                   "steering, choice, alignment")
+                   "steering, choice, alignment, experts (their rows stay, undecided)")
     p.add_argument("--out", default="xlk_reproduce", help="output directory (default ./xlk_reproduce)")
     p.add_argument("--no-progress", action="store_true", help="no progress messages on stderr")
 

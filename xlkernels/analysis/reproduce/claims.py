@@ -37,6 +37,10 @@ def _decide(est, lo, hi, crit, n, seeds):
     return holds, note
 
 
+def _rr(ctrl, seeds):
+    return " (item i under seed i mod S)" if ctrl.shape[0] == 1 and seeds > 1 else ""
+
+
 def _t(x):
     return torch.as_tensor(x, dtype=torch.float64)
 
@@ -46,8 +50,9 @@ def ablation(claim, paper, base, off, rnd, langs, departures="", what="neurons")
     """Switching language X's units off hurts X more than the other languages and more than matched random
     units. base (K, n): per-text NLL of the plain model on each language's test texts (text i parallel across
     languages); off (K, K, n): with row language's units off, on column language's texts; rnd (K, S, n): own
-    texts with S random draws. Statistic: mean over X of own - max(others, random) increase; holds when its
-    lower bound > 0. Texts are resampled jointly (they are parallel)."""
+    texts with S random draws. NaN marks a cell not scored (round robin); every mean skips them. Statistic:
+    mean over X of own - max(others, random) increase; holds when its lower bound > 0. Texts are resampled
+    jointly (they are parallel)."""
     base, off, rnd = _t(base), _t(off), _t(rnd)
     K, n = base.shape
     if off.shape != (K, K, n) or rnd.dim() != 3 or rnd.shape[0] != K or rnd.shape[2] != n:
@@ -57,10 +62,10 @@ def ablation(claim, paper, base, off, rnd, langs, departures="", what="neurons")
     eye = torch.eye(K, dtype=torch.bool)
 
     def parts(i):
-        d = (off[:, :, i] - base[None, :, i]).mean(-1)         # (K, K)
-        own = d.diagonal()
-        others = d.masked_fill(eye, 0).sum(1) / (K - 1)
-        r = (rnd[:, :, i] - base[:, None, i]).mean(-1).mean(-1)
+        d = off[:, :, i] - base[None, :, i]                    # (K, K, m)
+        own = d.diagonal().T.nanmean(-1)
+        others = d.masked_fill(eye[..., None], float("nan")).flatten(1).nanmean(-1)
+        r = (rnd[:, :, i] - base[:, None, i]).flatten(1).nanmean(-1)
         return own, others, r
 
     def stat(i):
@@ -75,20 +80,21 @@ def ablation(claim, paper, base, off, rnd, langs, departures="", what="neurons")
     return make_row(claim, paper, measured, holds, note, departures=departures,
                     control=f"random {what} matched per layer, {S} seeds", interval=f"bootstrap over {n} texts",
                     details={"stat": est, "lo": lo, "hi": hi, "per_language": per, "langs": list(langs),
-                             "delta": (off - base[None]).mean(-1).tolist(), "seeds": S, "n": n})
+                             "delta": (off - base[None]).nanmean(-1).tolist(), "seeds": S, "n": n})
 
 
 # ---------------------------------------------------------------------------------------------- steering
 def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_RATE, max_cost=MAX_COST,
-             setting="", departures="", what="output in the target language", extra=None) -> dict:
+             setting="", departures="", what="output in the target language", extra=None, seeds=None) -> dict:
     """A steering method on test prompts. ok (n,) bool: success per prompt at the strength chosen on dev;
     ctrl (S, n) bool: the matched random control at the same strength; base_ok (n,) bool: unsteered;
     flu, flu_base (n,): per-output mean NLL under the target-language prompt (NaN: empty). Holds when the
     rate's Wilson lower bound >= min_rate (None: not required), the paired bootstrap lower bounds of
-    rate - control and rate - unsteered are > 0, and the fluency cost's upper bound is <= max_cost."""
+    rate - control and rate - unsteered are > 0, and the fluency cost's upper bound is <= max_cost (None: not
+    required). seeds: the draws behind ctrl when it is one round-robin row (controls.round_robin)."""
     ok, base_ok = _t(ok), _t(base_ok)
     ctrl = _t(ctrl).reshape(-1, ok.numel())
-    n, S = ok.numel(), ctrl.shape[0]
+    n, S = ok.numel(), seeds or ctrl.shape[0]
     k = int(ok.sum())
     rlo, rhi = wilson(k, n)
     cm = ctrl.mean(0)
@@ -100,8 +106,11 @@ def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_R
     checks = [verdict(*gain, 0.0, n)]
     if min_rate is not None:
         checks.append(verdict(k / n, rlo, rhi, min_rate, n))
-    c_ok = cost[2] <= max_cost if len(d) else None
-    c_bad = cost[1] > max_cost if len(d) else False
+    if max_cost is None:        # a row whose claim says nothing about fluency
+        c_ok, c_bad = True, False
+    else:
+        c_ok = cost[2] <= max_cost if len(d) else None
+        c_bad = cost[1] > max_cost if len(d) else False
     if any(h is False for h, _ in checks) or c_bad:
         holds, note = False, ""
     elif all(h for h, _ in checks) and c_ok:
@@ -112,12 +121,14 @@ def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_R
             f"fluency cost interval reaches {cost[2]:+.2f} > {max_cost:g} nats" if len(d) else "no output to score")
     measured = (f"{k}/{n} = {k / n:.0%} [{rlo:.0%}, {rhi:.0%}] {what} at {setting} (random control "
                 f"{float(cm.mean()):.0%}, unsteered {float(base_ok.mean()):.0%}); gain over both {gain[0]:+.2f} "
-                f"[{gain[1]:+.2f}, {gain[2]:+.2f}]; fluency cost {cost[0]:+.2f} [{cost[1]:+.2f}, {cost[2]:+.2f}] nats")
+                f"[{gain[1]:+.2f}, {gain[2]:+.2f}]")
+    if max_cost is not None:
+        measured += f"; fluency cost {cost[0]:+.2f} [{cost[1]:+.2f}, {cost[2]:+.2f}] nats"
     details = {"n": n, "k": k, "rate": k / n, "wilson": [rlo, rhi], "control_rate": float(cm.mean()),
                "unsteered_rate": float(base_ok.mean()), "gain": list(gain), "fluency_cost": list(cost),
                "setting": setting, "seeds": S, "min_rate": min_rate, "max_cost": max_cost, **(extra or {})}
     return make_row(claim, paper, measured, holds, note, departures=departures,
-                    control=f"matched random units/direction, {S} seeds",
+                    control=f"matched random units/direction, {S} seeds" + _rr(ctrl, S),
                     interval=f"Wilson (rate), paired bootstrap over {n} prompts (gain, fluency)", details=details)
 
 
@@ -129,13 +140,14 @@ def choose_strength(points: dict, max_cost: float = MAX_COST):
 
 
 # ---------------------------------------------------------------------------------------------- choices
-def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="", task="") -> dict:
+def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="", task="", seeds=None) -> dict:
     """A forced-choice task (one right, one wrong answer per item) with and without the intervention.
-    base, steered (n,) bool correct; ctrl (S, n) bool with the matched random intervention. Statistic:
-    min(steered - unsteered, steered - control) accuracy, paired bootstrap over items; holds when lo > 0."""
+    base, steered (n,) bool correct (or a per-item score); ctrl (S, n) with the matched random intervention
+    (one round-robin row when `seeds` is given). Statistic: min(steered - unsteered, steered - control),
+    paired bootstrap over items; holds when lo > 0."""
     base, steered = _t(base), _t(steered)
     ctrl = _t(ctrl).reshape(-1, base.numel())
-    n, S = base.numel(), ctrl.shape[0]
+    n, S = base.numel(), seeds or ctrl.shape[0]
     cm = ctrl.mean(0)
     est, lo, hi = bootstrap(lambda i: float(torch.minimum((steered[i] - base[i]).mean(),
                                                           (steered[i] - cm[i]).mean())), n)
@@ -143,11 +155,30 @@ def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="",
     measured = (f"accuracy {float(base.mean()):.0%} -> {float(steered.mean()):.0%} at {setting} (random "
                 f"{float(cm.mean()):.0%}); gain over both {est:+.3f} [{lo:+.3f}, {hi:+.3f}] on {n} items{task}")
     return make_row(claim, paper, measured, holds, note, departures=departures,
-                    control=f"random direction of the same norm at the same place, {S} seeds",
+                    control=f"random direction of the same norm at the same place, {S} seeds" + _rr(ctrl, S),
                     interval=f"paired bootstrap over {n} items",
                     details={"base": float(base.mean()), "steered": float(steered.mean()),
                              "control": float(cm.mean()), "gain": [est, lo, hi], "n": n, "seeds": S,
                              "setting": setting})
+
+
+def loss_drop(claim, paper, base, after, ctrl, *, setting="", departures="", seeds=None) -> dict:
+    """A per-item loss (lower is better) without the intervention (base (n,)), with it (after (n,)) and with
+    the matched random intervention (ctrl (S, n)). Statistic: min(base - after, control - after), paired
+    bootstrap over items; holds when lo > 0."""
+    base, after = _t(base), _t(after)
+    ctrl = _t(ctrl).reshape(-1, base.numel())
+    n, S = base.numel(), seeds or ctrl.shape[0]
+    cm = ctrl.mean(0)
+    est, lo, hi = bootstrap(lambda i: float(torch.minimum((base[i] - after[i]).mean(), (cm[i] - after[i]).mean())), n)
+    holds, note = _decide(est, lo, hi, 0.0, n, S)
+    measured = (f"held-out loss {float(base.mean()):.4f} -> {float(after.mean()):.4f} at {setting} (random "
+                f"{float(cm.mean()):.4f}); drop below both {est:+.4f} [{lo:+.4f}, {hi:+.4f}] nats on {n} items")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"the same intervention on random units, {S} seeds",
+                    interval=f"paired bootstrap over {n} items",
+                    details={"base": float(base.mean()), "after": float(after.mean()), "control": float(cm.mean()),
+                             "drop": [est, lo, hi], "n": n, "seeds": S, "setting": setting})
 
 
 # ---------------------------------------------------------------------------------------------- curves

@@ -1,5 +1,6 @@
 """Matched random controls: the same intervention on random units, matched in count, per-layer layout and
-norm, one draw per seed (>= SEEDS seeds for a row to hold)."""
+norm, one draw per seed (>= SEEDS seeds for a row to hold). Where a control costs a model pass per item,
+item i gets seed i mod S (round_robin): S draws at the price of one."""
 from __future__ import annotations
 
 import random
@@ -54,3 +55,10 @@ def random_like(v: torch.Tensor, seed: int, dims: int = 1) -> torch.Tensor:
     vn = v.double().norm(dim=ax, keepdim=True)
     rn = r.norm(dim=ax, keepdim=True).clamp_min(1e-30)
     return (r / rn * vn).to(v.dtype)
+
+
+def round_robin(n: int, seeds: int) -> list:
+    """[[item ids with i mod seeds == s] for s in range(seeds)]: which items each seed's draw is measured on."""
+    if n < 0 or seeds < 1:
+        raise ValueError(f"need n >= 0 and seeds >= 1, got n={n}, seeds={seeds}")
+    return [list(range(s, n, seeds)) for s in range(seeds)]

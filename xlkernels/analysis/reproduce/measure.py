@@ -20,42 +20,81 @@ from .report import format_table, print_summary, write_report  # noqa: F401 (thi
 LEVELS = {
     # demo: `make demo` step 4 on the Django corpus (no generation rows); default: the recorded run
     "demo": dict(langs=("en", "de", "fr"), seeds=10, n_nll=12, n_lahis=8, lahis_heads=2, max_length=48,
-                 new_tokens=12, n_prompts=16, steps=("neurons", "heads", "alignment")),
+                 new_tokens=12, n_prompts=16, n_offtarget=0, steps=("neurons", "heads", "alignment")),
     "quick": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=24, n_lahis=12,
-                  lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, steps=None),
+                  lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=8, n_choice=24,
+                  choice_langs=("de",), n_experts=24, mask_train=8, mask_seeds=3, steps=None),
     "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=64, n_lahis=24,
-                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=64, steps=None),
+                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=64, n_offtarget=16, n_choice=64,
+                    choice_langs=("de", "ru", "ja"), n_experts=48, mask_train=16, mask_seeds=10, steps=None),
     "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=20, n_nll=111, n_lahis=48,
-                 lahis_heads=3, max_length=128, new_tokens=24, n_prompts=111, steps=None),
+                 lahis_heads=3, max_length=128, new_tokens=24, n_prompts=111, n_offtarget=32, n_choice=111,
+                 choice_langs=("de", "fr", "es", "ru", "zh_Hans", "ja"), n_experts=96, mask_train=48,
+                 mask_seeds=20, steps=None),
 }
 COMMON = dict(forcing=(0.5, 1.0, 2.0), itlc=(2.0, 8.0, 32.0), itlc_epochs=100, claim_alpha=(2.0, 8.0, 32.0),
-              incline_sigma=(0.3, 1.0), fractions=(0.5, 0.15, 0.35), target="de")
-STEPS = ("neurons", "heads", "soft_mask", "steering", "choice", "alignment")
+              incline_sigma=(0.3, 1.0), fractions=(0.5, 0.15, 0.35), target="de", n_choice=64,
+              choice_langs=("de",), n_offtarget=16, n_experts=48, expert_frac=0.01, mask_train=16, mask_batch=4,
+              mask_epochs=2, mask_lr=0.1, mask_seeds=10,
+              itlc_sample=dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.5))
+STEPS = ("neurons", "heads", "soft_mask", "steering", "choice", "alignment", "experts")
+# every row of the report, in order: key -> (step, claim, paper); a row that a run does not measure still
+# appears, undecided, saying what it needs
+ROWS = {
+    "lape_ablation": ("neurons", "LAPE: a language's neurons matter for that language", "Tang et al. 2024"),
+    "neuron_classes": ("neurons", "Neurons: language-specific, -related and general classes are stable, per layer",
+                       "Zhang et al. 2025"),
+    "lahis_ablation": ("heads", "LAHIS: a language's specific heads matter for that language", "Liu et al. 2025"),
+    "lahis_offtarget": ("heads", "LAHIS: masking a language's heads sends its prompts off-target", "Liu et al. 2025"),
+    "soft_mask": ("soft_mask", "Soft head mask: a few trained head gates help held-out QA", "Liu et al. 2025"),
+    "lape_forcing": ("steering", "LAPE: forcing language neurons steers en -> {tgt}", "Tang et al. 2024"),
+    "lape_deactivation": ("steering", "LAPE: switching English neurons off moves English prompts out of English",
+                          "Tang et al. 2024"),
+    "itlc": ("steering", "ITLC: a latent language vector steers en -> {tgt}, keeping the meaning", "Lopo et al. 2025"),
+    "claim_divergence": ("choice", "CLAIM: language divergence of head outputs peaks in the middle layers",
+                         "Ye, Li et al. 2025"),
+    "claim_shift": ("choice", "CLAIM: shifting heads toward English helps a x -> en choice task", "Ye, Li et al. 2025"),
+    "incline": ("choice", "INCLINE: mapping representations toward English helps x -> en retrieval",
+                "Wang et al. 2025"),
+    "mexa": ("alignment", "MEXA: alignment with English predicts the per-language task score", "Kargaran et al. 2025"),
+    "anc": ("alignment", "ANC: neurons correlate across parallel sentences beyond chance, rising in the early layers",
+            "Del & Fishel 2022"),
+    "experts": ("experts", "Finding experts: forcing English expert neurons aligns other languages with English",
+                "Sundar et al. 2025"),
+}
 
 
-def _per_text(steerer, tok, texts, cfg):
-    s, c = tasks.packed_nll(steerer.model, tok, texts)
-    return s / c.clamp_min(1)
+def _nll(steerer, tok, texts, idx):
+    """(len(idx),) mean NLL per token of texts[i], each scored after texts[i - 1] as context."""
+    return tasks.prefixed_nll(steerer.model, tok, [texts[i] for i in idx], [texts[i - 1] for i in idx])
 
 
 def _ablate(steerer, tok, test, apply_own, apply_rand, seeds):
     """base (K, n), off (K, K, n), rnd (K, S, n) per-text NLL; apply_own(k) / apply_rand(k, seed) set the
-    intervention for language k on the steerer."""
+    intervention for language k on the steerer. Round robin keeps it at 4 K n scored texts: with language
+    k's units off, text i of the other languages is scored in one of them (i mod K-1), and the random draw
+    on text i is seed i mod S; the cells not scored are NaN."""
     langs = list(test)
+    K, n = len(langs), len(test[langs[0]])
     steerer.reset()
-    base = torch.stack([_per_text(steerer, tok, test[x], None) for x in langs])
-    K, n = base.shape
-    off = torch.zeros(K, K, n, dtype=torch.float64)
-    rnd = torch.zeros(K, seeds, n, dtype=torch.float64)
+    base = torch.stack([_nll(steerer, tok, test[x], range(n)) for x in langs])
+    off = torch.full((K, K, n), float("nan"), dtype=torch.float64)
+    rnd = torch.full((K, seeds, n), float("nan"), dtype=torch.float64)
     try:
         for k in range(K):
             steerer.reset()
             apply_own(k)
-            off[k] = torch.stack([_per_text(steerer, tok, test[x], None) for x in langs])
+            off[k, k] = _nll(steerer, tok, test[langs[k]], range(n))
+            for p, x in enumerate(j for j in range(K) if j != k):
+                idx = [i for i in range(n) if i % (K - 1) == p]
+                if idx:
+                    off[k, x, idx] = _nll(steerer, tok, test[langs[x]], idx)
             for s in range(seeds):
-                steerer.reset()
-                apply_rand(k, s)
-                rnd[k, s] = _per_text(steerer, tok, test[langs[k]], None)
+                idx = [i for i in range(n) if i % seeds == s]
+                if idx:
+                    steerer.reset()
+                    apply_rand(k, s)
+                    rnd[k, s, idx] = _nll(steerer, tok, test[langs[k]], idx)
     finally:
         steerer.reset()
     return base, off, rnd
@@ -84,8 +123,8 @@ def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
     row = claims.ablation("LAPE: a language's neurons matter for that language",
                           "deactivating language X's neurons raises X's perplexity far more than the others' (Tang "
                           "et al. 2024)", base, off, rnd, langs,
-                          departures="GNOME Help fit paragraphs (not Wikipedia), BOS not counted; NLL scored in "
-                          "packed windows with 64 tokens of context", what="neurons")
+                          departures="GNOME Help fit paragraphs (not Wikipedia), BOS not counted; each test "
+                          "paragraph's NLL scored after the preceding one as context", what="neurons")
     row["details"]["n_neurons"] = {x: int(lape.counts()[k].sum()) for k, x in enumerate(langs)}
     state["lape_counts"] = {x: c for x, c in zip(langs, lape.counts().tolist())}
     cls = [N.classify(N.activation_probs(s)) for s in st]
@@ -93,11 +132,11 @@ def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
     cc = cls_full.counts()
     per_layer = {c: cc[c].sum(0) if cc[c].dim() == 2 else cc[c] for c in ("specific", "related", "general")}
     members = lambda c: {name: _class_members(c, name) for name in ("specific", "related", "general")}  # noqa: E731
-    rows = [row, claims.classes("Neurons: language-specific, -related and general classes are stable, per layer",
+    rows = {"lape_ablation": row, "neuron_classes": claims.classes("Neurons: language-specific, -related and general classes are stable, per layer",
                                 "language-specific, language-related and language-agnostic neurons; their layer "
                                 "distribution (Zhang et al. 2025)", per_layer, members(cls[0]), members(cls[1]), L * I,
                                 departures="classes from each half of the fit texts; lambda chosen as in the "
-                                "release (auto)")]
+                                "release (auto)")}
     return rows
 
 
@@ -143,36 +182,42 @@ def measure_heads(steerer, tok, fit, dev, test, cfg, state):
                           f"{rep} of {len(langs)} top lists; scores on {cfg['n_lahis']} fit paragraphs",
                           what="heads (same layers)")
     row["details"]["heads"] = {x: [f"{h // H}.{h % H}" for h in ids] for x, ids in chosen.items()}
-    return [row]
+    rows = {"lahis_ablation": row}
+    if cfg["n_offtarget"] > 0:
+        from .masks import offtarget_row
+        rows["lahis_offtarget"] = offtarget_row(steerer, tok, test, chosen, excl, cfg)
+    else:
+        rows["lahis_offtarget"] = _missing("lahis_offtarget", cfg, f"not run at level {cfg['level']}: needs "
+                                           "generations on >= 8 prompts per language (level quick or default)")
+    return rows
 
 
 def measure_steering(steerer, tok, fit, dev, test, cfg, state):
     from . import steer
     from ..steering.itlc import ITLC
     tgt = cfg["target"]
-    if "en" not in fit or tgt not in fit:
-        return [claims.not_measured("Steering", "", "needs en and the target in the corpus")]
     langs = list(fit)
     nd = min(len(dev["en"]), max(16, cfg["n_prompts"] // 2))
-    mk = lambda split, n: steer.Cells(steerer, tok, "en", tgt, steer.prompts_of(split["en"][:n]),   # noqa: E731
-                                      steer.prompts_of(split[tgt][:n]), langs, cfg)
+    mk = lambda split, n, **kw: steer.Cells(steerer, tok, "en", tgt, steer.prompts_of(split["en"][:n]),   # noqa: E731
+                                            steer.prompts_of(split[tgt][:n]), langs, cfg, **kw)
     dv, ts = mk(dev, nd), mk(test, cfg["n_prompts"])
-    rows = []
     if "lape" not in state:
         measure_neurons(steerer, tok, fit, dev, test, cfg, state)
-    rows += steer.lape_rows(steerer, tok, state["stats"], state["lape"], langs, dv, ts, cfg, tgt)
+    rows = steer.lape_rows(steerer, tok, state["stats"], state["lape"], langs, dv, ts, cfg, tgt)
     itlc = ITLC.fit(steerer.model, tok, fit, layer=steerer.num_layers // 2, batch_size=16,
                     max_length=cfg["max_length"], epochs=cfg["itlc_epochs"])
-    rows.append(steer.itlc_row(steerer, tok, itlc, dv, ts, cfg, tgt, refs=test[tgt][:cfg["n_prompts"]]))
+    sample = cfg.get("itlc_sample")
+    dv_s, ts_s = (mk(dev, nd, sample=sample), mk(test, cfg["n_prompts"], sample=sample)) if sample else (dv, ts)
+    rows["itlc"] = steer.itlc_row(steerer, tok, itlc, dv_s, ts_s, cfg, tgt, refs=test[tgt][:cfg["n_prompts"]])
     state["generations"] = ts.base()["texts"][:8]
     return rows
 
 
 def measure_choice(steerer, tok, fit, dev, test, cfg, state):
     from . import choice
-    lang = cfg["target"]
-    rows = choice.claim_rows(steerer, tok, fit, dev, test, cfg, lang)
-    rows.append(choice.incline_row(steerer, tok, fit, dev, test, cfg, lang))
+    langs = [x for x in cfg["choice_langs"] if x in fit and x != "en"] or [cfg["target"]]
+    rows = choice.claim_rows(steerer, tok, fit, dev, test, cfg, langs)
+    rows["incline"] = choice.incline_row(steerer, tok, fit, dev, test, cfg, langs)
     return rows
 
 
@@ -184,11 +229,24 @@ def measure_alignment(steerer, tok, fit, dev, test, cfg, state):
     return rows
 
 
+def measure_experts(steerer, tok, fit, dev, test, cfg, state):
+    from .experts import experts_row
+    return {"experts": experts_row(steerer, tok, fit, test, cfg)}
+
+
 def measure_soft_mask(steerer, tok, fit, dev, test, cfg, state):
-    return [claims.not_measured("Soft head mask: a few trained head gates help held-out QA",
-                                "training the gates of the top 2% LAHIS heads (~20 parameters) improves held-out "
-                                "QA (Liu et al. 2025)", "its control needs >= 10 trainings of random gates "
-                                "(~8 min each on 2 cores); not run in this release")]
+    from .masks import soft_mask_row
+    from .. import heads as hd
+    tgt = cfg["target"]
+    scores = state.get("scores", {}).get(tgt)
+    if scores is None:
+        scores = hd.lahis_scores(steerer, tok, fit[tgt][:cfg["n_lahis"]], batch_size=8, max_length=cfg["max_length"])
+    return {"soft_mask": soft_mask_row(steerer, tok, fit, test, cfg, scores, tgt)}
+
+
+def _missing(key, cfg, why):
+    step, claim, paper = ROWS[key]
+    return claims.not_measured(claim.format(tgt=cfg["target"]), paper, why)
 
 
 def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=False, out=None, name="model",
@@ -201,12 +259,11 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     cfg = dict(COMMON, **LEVELS[level])
-    cfg.update(overrides or {})
+    cfg.update(overrides or {}, level=level)
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
-    if cfg.get("steps"):
-        steps = [s for s in steps if s in cfg["steps"]]
+    steps = [s for s in STEPS if s in steps and (not cfg.get("steps") or s in cfg["steps"])]
     if corpus is None:
         corpus = cp.help_corpus(list(langs or cfg["langs"]))
         source = f"GNOME Help ({cp.PACKAGE} {cp.VERSION}, {cp.LICENSE})"
@@ -226,22 +283,34 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
     steerer = model if hasattr(model, "record_neurons") else xlkernels.patch(model)
     steerer.reset()
     random.seed(seed)
-    state, rows, seconds, errors = {}, [], {}, []
+    state, got, seconds, errors, why = {}, {}, {}, [], {}
     jobs = {"neurons": measure_neurons, "heads": measure_heads, "soft_mask": measure_soft_mask,
-            "steering": measure_steering, "choice": measure_choice, "alignment": measure_alignment}
+            "steering": measure_steering, "choice": measure_choice, "alignment": measure_alignment,
+            "experts": measure_experts}
     for step in steps:
         t0 = time.perf_counter()
         try:
-            new = jobs[step](steerer, tokenizer, fit, dev, test, cfg, state)
-        except Exception as e:   # one failing step must not lose the others: an error row, exit code 1
+            got.update(jobs[step](steerer, tokenizer, fit, dev, test, cfg, state))
+        except Exception as e:   # one failing step must not lose the others: its rows say so, exit code 1
             errors.append(f"{step}: {type(e).__name__}: {e}")
             traceback.print_exc(file=sys.stderr)
-            new = [claims.make_row(step, "", f"error: {type(e).__name__}: {e}")]
+            why[step] = f"the {step} step failed: {type(e).__name__}: {e}"
         finally:
             steerer.reset()
         seconds[step] = round(time.perf_counter() - t0, 1)
-        rows += new
         log(f"  {step}: {seconds[step]} s")
+    rows = []
+    for key, (step, _, _) in ROWS.items():
+        if key in got:
+            row = got[key]
+        elif step in why:
+            row = _missing(key, cfg, why[step])
+        elif step not in steps:
+            row = _missing(key, cfg, f"not run at level {level}: needs the {step} step (`xlkernels reproduce`)"
+                           if cfg.get("steps") and step not in cfg["steps"] else f"the {step} step was skipped")
+        else:
+            row = _missing(key, cfg, f"not measured at level {level} (see its settings)")
+        rows.append(dict(row, key=key))
     report = {"model": name, "level": level, "corpus": source,
               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
               "langs": list(corpus), "splits": cp.describe((fit, dev, test)), "seed": seed, "rows": rows,

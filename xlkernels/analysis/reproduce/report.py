@@ -6,59 +6,69 @@ import json
 import os
 import sys
 
-# family of a row (by its claim's prefix) -> what changed in how it is measured since the issue-18 review
-FAMILIES = [
-    ("LAPE: a language's neurons", "LAPE: language neurons are language-specific",
-     "held-out GNOME Help paragraphs scored in packed windows (was 1-2 word Django strings after BOS); "
-     "10 seeds of random neurons matched per layer; bootstrap interval"),
-    ("LAPE: forcing", "Steering: lape (forcing)",
-     "strength chosen on dev, 64 test prompts, degenerate outputs fail, fluency under the German prompt, "
-     "10 seeds of random neurons with the same values"),
-    ("LAPE: switching English", "Steering: deactivate (neurons)",
-     "now tests the paper's direction: output leaves English (was: output becomes German, which no paper claims)"),
-    ("Neurons:", "Neurons: specific, related and general classes",
-     "per-layer distribution and split-half stability against chance (was: the three classes are non-empty)"),
-    ("LAHIS:", "LAHIS: language-specific heads matter for their language",
-     "3 heads per language with general = in >= 80% of the lists (was 1 head, min_rep 4 of 4 languages); "
-     "random heads in the same layers, 10 seeds; held-out paragraphs; bootstrap"),
-    ("Soft head mask", "Soft head mask: a few trained head gates help",
-     "needs a random-gate control (>= 10 trainings) before it can hold; not run"),
-    ("CLAIM: language divergence", None, "new row: CLAIM's per-layer divergence curve"),
-    ("CLAIM: shifting", "Steering: claim (shift)",
-     "CLAIM's own direction (lang -> English) on a forced-choice task, vs random directions of the same norm "
-     "(was: en -> de language switching)"),
-    ("ITLC", "Steering: itlc (itlc)",
-     "adds meaning (chrF to the parallel paragraph vs a mismatched one) and confusion; random direction control; "
-     "probe trained 100 epochs"),
-    ("INCLINE", "Steering: incline (incline)",
-     "INCLINE's direction (lang -> English) with ridge, on retrieval accuracy (was: en -> de switching, "
-     "48 pairs, no ridge)"),
-    ("MEXA", "MEXA: alignment with English peaks in the middle layers",
-     "MEXA's claim (correlation with a downstream score across 6 languages; was: a mid-layer peak)"),
-    ("ANC", None, "new row"),
-]
+# row key -> (the previous record's row it replaces, what changed in how it is measured since the issue-18 review)
+FAMILIES = {
+    "lape_ablation": ("LAPE: language neurons are language-specific",
+                      "held-out GNOME Help paragraphs scored in packed windows (was 1-2 word Django strings after "
+                      "BOS); 10 seeds of random neurons matched per layer; bootstrap interval"),
+    "neuron_classes": ("Neurons: specific, related and general classes",
+                       "per-layer distribution and split-half stability against chance (was: the three classes are "
+                       "non-empty)"),
+    "lahis_ablation": ("LAHIS: language-specific heads matter for their language",
+                       "3 heads per language with general = in >= 80% of the lists (was 1 head, min_rep 4 of 4 "
+                       "languages); random heads in the same layers, 10 seeds; held-out paragraphs; bootstrap"),
+    "lahis_offtarget": (None, "new row: the paper's off-target claim, against random heads in the same layers"),
+    "soft_mask": ("Soft head mask: a few trained head gates help",
+                  "a random-gate control (gates trained on random heads in the same layers) and a paired interval "
+                  "over held-out pairs (was: one trained gate, -0.005 nats, no control)"),
+    "lape_forcing": ("Steering: lape (forcing), en -> de",
+                     "strength chosen on dev, reported on test prompts, degenerate outputs fail, fluency under the "
+                     "German prompt, 10 seeds of random neurons with the same values"),
+    "lape_deactivation": ("Steering: deactivate (neurons), en -> de",
+                          "now tests the paper's direction: output leaves English (was: output becomes German, "
+                          "which no paper claims)"),
+    "itlc": ("Steering: itlc (itlc), en -> de",
+             "adds meaning (chrF to the parallel paragraph vs a mismatched one) and confusion; random direction "
+             "control; probe trained 100 epochs; the paper's sampling"),
+    "claim_divergence": (None, "new row: CLAIM's per-layer divergence curve"),
+    "claim_shift": ("Steering: claim (shift), en -> de",
+                    "CLAIM's own direction (x -> English) on a forced-choice task, vs random directions of the same "
+                    "norm (was: en -> de language switching)"),
+    "incline": ("Steering: incline (incline), en -> de",
+                "INCLINE's direction (x -> English) with ridge, on retrieval accuracy (was: en -> de switching, "
+                "48 pairs, no ridge)"),
+    "mexa": ("MEXA: alignment with English peaks in the middle layers",
+             "MEXA's claim (correlation with a downstream score across 6 languages; was: a mid-layer peak)"),
+    "anc": (None, "new row"),
+    "experts": (None, "new row"),
+}
+REMOVED = {"LAPE: language neurons sit in the bottom and top layers": "no paper states it as a claim; the layer "
+           "distribution is in the neuron-classes row",
+           "Steering: lahis (gate), en -> de": "no paper claims that LAHIS gates switch the output language"}
 
 
 def _mark(holds):
     return {True: "holds", False: "does not hold", None: "undecided"}[holds]
 
 
-def _family(claim):
-    return next((f for f in FAMILIES if claim.startswith(f[0])), None)
-
-
 def changes(rows, previous) -> list:
-    """[(new claim, old verdict, new verdict, why)] against a previous reproduce.json's rows."""
-    old = {r["claim"]: r for r in previous or []}
-    out = []
+    """[(row, verdict before, verdict now, why)] against a previous reproduce.json's rows: matched by key, else
+    by claim, else by the row it replaces (FAMILIES); old rows left unmatched are listed as removed."""
+    by_key = {r["key"]: r for r in previous or [] if r.get("key")}
+    by_claim = {r["claim"]: r for r in previous or []}
+    out, used = [], set()
     for r in rows:
-        f = _family(r["claim"])
-        prev = old.get(f[1]) if f and f[1] else None
-        out.append((r["claim"], _mark(prev["holds"]) if prev else "-", _mark(r["holds"]),
-                    f[2] if f else "new row"))
-    gone = {f[1] for f in FAMILIES if f[1]}
-    out += [(c, _mark(r["holds"]), "(row removed)", "no paper claims it" if "lahis (gate)" in c else
-             "folded into the rows above") for c, r in old.items() if c not in gone]
+        was, why = FAMILIES.get(r.get("key"), (None, "new row"))
+        prev = by_key.get(r.get("key")) or by_claim.get(r["claim"])
+        if prev is not None:
+            why = "same measurement" if prev["holds"] == r["holds"] else "same measurement on new data or settings"
+        else:
+            prev = by_claim.get(was)
+        if prev is not None:
+            used.add(prev["claim"])
+        out.append((r["claim"], _mark(prev["holds"]) if prev else "-", _mark(r["holds"]), why))
+    out += [(c, _mark(r["holds"]), "(row removed)", REMOVED.get(c, "folded into the rows above"))
+            for c, r in by_claim.items() if c not in used]
     return out
 
 

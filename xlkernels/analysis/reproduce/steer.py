@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from . import claims, tasks
-from .controls import random_like, random_neurons
+from .controls import random_like, random_neurons, round_robin
 from ..evaluation import langid
 
 TANG = "Tang et al. 2024 (LAPE)"
@@ -30,18 +30,30 @@ def prompts_of(texts, frac: float = 0.6):
 class Cells:
     """Generations of one prompt set: labels, fluency under the parallel target prompt, cached unsteered."""
 
-    def __init__(self, steerer, tok, src, tgt, prompts, tgt_prompts, langs, cfg):
+    def __init__(self, steerer, tok, src, tgt, prompts, tgt_prompts, langs, cfg, sample=None):
         self.s, self.tok, self.src, self.tgt = steerer, tok, src, tgt
         self.prompts, self.tgt_prompts, self.langs, self.cfg = prompts, tgt_prompts, list(langs), cfg
+        self.sample = sample      # generate() sampling arguments (None: greedy); every cell uses seed 0
         self._base = None
 
-    def run(self, steer=None):
+    def run(self, steer=None, idx=None):
+        """Generations of the prompts (or of prompts[idx]) under steer: texts, labels, fluency."""
+        idx = range(len(self.prompts)) if idx is None else idx
         self.s.reset()
-        texts, ids = tasks.generate_cell(self.s, self.tok, self.prompts, steer, self.cfg["new_tokens"])
+        texts, ids = tasks.generate_cell(self.s, self.tok, [self.prompts[i] for i in idx], steer,
+                                         self.cfg["new_tokens"], sample=self.sample)
         self.s.reset()
         labels = langid.label(texts, self.langs)
-        flu = tasks.fluency(self.s, self.tok, self.tgt_prompts, ids)
+        flu = tasks.fluency(self.s, self.tok, [self.tgt_prompts[i] for i in idx], ids)
         return {"texts": texts, "labels": labels, "fluency": flu}
+
+    def control(self, make_ctrl, strength, seeds, ok_fn) -> torch.Tensor:
+        """(n,) bool: ok_fn on the control's output, prompt i under seed i mod seeds."""
+        ok = torch.zeros(len(self.prompts), dtype=torch.bool)
+        for s, idx in enumerate(round_robin(len(self.prompts), seeds)):
+            if idx:
+                ok[idx] = ok_fn(self.run(make_ctrl(strength, s), idx)["labels"])
+        return ok
 
     def base(self):
         if self._base is None:
@@ -86,14 +98,14 @@ def _row(claim, paper, test: Cells, make, make_ctrl, strength, pts, ok_fn, seeds
         return claims.make_row(claim, paper, f"no strength on dev kept the fluency cost <= {claims.MAX_COST:g}: "
                                f"{pts}", None, "no usable strength on dev", departures=departures)
     r = test.run(make(strength))
-    ctrl = [ok_fn(test.run(make_ctrl(strength, s))["labels"]) for s in range(seeds)]
+    ctrl = test.control(make_ctrl, strength, seeds, ok_fn)
     extra = {"dev": {str(k): v for k, v in pts.items()}, "examples": r["texts"][:4],
              "labels": dict(sorted({x: r["labels"].count(x) for x in set(r["labels"])}.items()))}
     if extra_fn:
         extra.update(extra_fn(r))
-    row = claims.steering(claim, paper, ok_fn(r["labels"]), torch.stack(ctrl), ok_fn(base["labels"]),
+    row = claims.steering(claim, paper, ok_fn(r["labels"]), ctrl[None], ok_fn(base["labels"]),
                           r["fluency"], base["fluency"], min_rate=min_rate, setting=f"strength {strength:g}",
-                          departures=departures, what=what, extra=extra)
+                          departures=departures, what=what, extra=extra, seeds=seeds)
     return row
 
 
@@ -121,9 +133,9 @@ def lape_rows(steerer, tok, fit_stats, lape, langs, dev, test, cfg, target="de")
         return _neuron_steer(steerer, lambda st: NeuronForcing(ro, rn, rv).apply(st, a))
 
     ok_t = lambda lab: tasks.success(lab, target)   # noqa: E731
-    rows = []
+    rows = {}
     if off or on:
-        rows.append(steer_row(f"LAPE: forcing language neurons steers en -> {target}",
+        rows["lape_forcing"] = (steer_row(f"LAPE: forcing language neurons steers en -> {target}",
                               "activating a language's neurons steers the output into it (Tang et al. 2024)", dev,
                               test, forcing, forcing_ctrl, cfg["forcing"], ok_t, cfg["seeds"],
                          "forcing rule not in the released code: en neurons off, target neurons set to their mean "
@@ -138,11 +150,17 @@ def lape_rows(steerer, tok, fit_stats, lape, langs, dev, test, cfg, target="de")
             r = random_neurons(off, I, seed, exclude=chosen)
             return _neuron_steer(steerer, lambda st: st.deactivate_neurons(r))
         pts = {1.0: None}
-        rows.append(_row("LAPE: switching English neurons off moves English prompts out of English",
+        rows["lape_deactivation"] = (_row("LAPE: switching English neurons off moves English prompts out of English",
                          "deactivating a language's neurons degrades output in that language (Tang et al. 2024)",
                          test, deact, deact_ctrl, 1.0, pts, ok_out, cfg["seeds"],
                          f"no strength (all en neurons off); {GREEDY}", "output identified as not English",
                          None))
+    for key, claim, units in (("lape_forcing", f"LAPE: forcing language neurons steers en -> {target}", off or on),
+                              ("lape_deactivation", "LAPE: switching English neurons off moves English prompts out "
+                               "of English", off)):
+        if not units:
+            rows[key] = claims.not_measured(claim, TANG, "LAPE selected no neurons to use here: needs more fit "
+                                            "text or another model")
     return rows
 
 
@@ -179,12 +197,15 @@ def itlc_row(steerer, tok, itlc, dev, test, cfg, target="de", refs=None):
                 "confusion": langid.mixed_rates(r["texts"], target, test.langs)}
 
     ok_t = lambda lab: tasks.success(lab, target)   # noqa: E731
+    dec = GREEDY + " (the paper samples)" if not test.sample else "sampling as the paper: " + ", ".join(
+        f"{k} {v}" for k, v in test.sample.items() if k != "do_sample") + ", seed 0 in every cell"
     row = steer_row(f"ITLC: a latent language vector steers en -> {target}, keeping the meaning",
                     "inject a language vector to control the output language while preserving meaning, with less "
                     "language confusion (ITLC, Lopo et al. 2025)", dev, test, make, make_ctrl, cfg["itlc"], ok_t,
                     cfg["seeds"],
-               f"LDA on K-1 dims of {len(itlc.langs)} languages; probe {cfg['itlc_epochs']} epochs; {GREEDY} "
-               "(the paper samples); chrF to the parallel paragraph", f"output in {target}", claims.STEER_RATE,
+               f"LDA on K-1 dims of {len(itlc.langs)} languages; probe {cfg['itlc_epochs']} epochs; {dec}; "
+               f"{cfg['new_tokens']} new tokens (the paper: 256); chrF to the parallel paragraph", f"output in {target}",
+               claims.STEER_RATE,
                extra)
     d = row["details"]
     if "chrf_gain" in d:

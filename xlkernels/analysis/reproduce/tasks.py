@@ -68,6 +68,39 @@ def packed_nll(model, tok, texts, window: int = 192, context: int = 64, batch: i
     return sums, counts
 
 
+@torch.no_grad()
+def prefixed_nll(model, tok, texts, contexts, context: int = 64, batch: int = 8) -> torch.Tensor:
+    """(n,) mean NLL per token of each text scored after its context: BOS, the last `context` tokens of
+    contexts[i], a newline, then texts[i] (only its tokens are scored). Each text is its own row, so any subset
+    of texts scores the same as in the whole set, and no scored token sits right after BOS."""
+    if len(texts) != len(contexts):
+        raise ValueError(f"texts and contexts differ in length: {len(texts)} != {len(contexts)}")
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    model = _model(model)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    rows = []
+    for t, c in zip(texts, contexts):
+        a = bos + tok(c, add_special_tokens=False)["input_ids"][-context:] + nl
+        rows.append((a, tok(t, add_special_tokens=False)["input_ids"]))
+    out = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    dev = _dev(model)
+    for s in range(0, len(order), batch):
+        ids_ = [i for i in order[s:s + batch] if rows[i][1]]
+        if not ids_:
+            continue
+        ids, mask = pad_right([rows[i][0] + rows[i][1] for i in ids_], pad_id_of(tok), dev)
+        lab = torch.full_like(ids, -100)
+        for r, i in enumerate(ids_):
+            a, b = rows[i]
+            lab[r, len(a):len(a) + len(b)] = torch.tensor(b)
+        nll, valid = token_nll(model, ids, mask, lab)
+        out[ids_] = (nll.double().sum(1) / valid.sum(1).clamp_min(1)).cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- choices
 @torch.no_grad()
 def continuation_nll(model, tok, prompts, conts, batch: int = 16, before=None, positions: bool = False):
@@ -137,10 +170,16 @@ def _twice(before, n):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def generate_cell(steerer, tok, prompts, steer=None, max_new_tokens: int = 24, batch: int = 16):
-    """Greedy generations (texts, token ids) of `prompts` under steer(batch) (a context manager or None)."""
+def generate_cell(steerer, tok, prompts, steer=None, max_new_tokens: int = 24, batch: int = 16, sample=None):
+    """Generations (texts, token ids) of `prompts` under steer(batch) (a context manager or None): greedy, or
+    with `sample` (generate() keyword arguments such as do_sample, temperature) from torch seed 0."""
     from ..evaluation.generation import generate
-    ids, _ = generate(steerer.model, tok, prompts, max_new_tokens, batch, steer)
+    if sample:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            ids, _ = generate(steerer.model, tok, prompts, max_new_tokens, batch, steer, **sample)
+    else:
+        ids, _ = generate(steerer.model, tok, prompts, max_new_tokens, batch, steer)
     return [tok.decode(g, skip_special_tokens=True) for g in ids], ids
 
 
