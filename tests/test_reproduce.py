@@ -213,6 +213,8 @@ def test_classes_split_half_against_chance():
     assert C.classes("c", "p", {}, a, other, 150)["holds"] is False      # ... but can rule out 20-27%
     empty = dict(a, general=set())
     assert C.classes("c", "p", {}, empty, empty, 10000)["holds"] is False
+    few = C.classes("c", "p", {"general": [0, 0, 30]}, empty, a, 10000)      # in the full fit texts, not in half A
+    assert few["holds"] is None and "needs more fit text" in few["note"]
 
 
 def test_above_shuffled():
@@ -250,7 +252,8 @@ def test_packed_nll_scores_each_token_once_with_context():
 # ---------------------------------------------------------------------------------------------- round robin, new rows
 def test_round_robin_partitions_the_items():
     parts = controls.round_robin(23, 10)
-    assert sorted(i for p in parts for i in p) == list(range(23)) and all(i % 10 == s for s, p in enumerate(parts) for i in p)
+    assert sorted(i for p in parts for i in p) == list(range(23))
+    assert all(i % 10 == s for s, p in enumerate(parts) for i in p)
     with pytest.raises(ValueError):
         controls.round_robin(5, 0)
 

@@ -90,3 +90,15 @@ def test_cli_end_to_end(tmp_path, seed, monkeypatch, capsys):
     assert "claims hold on this model" in capsys.readouterr().out
     assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(tsv), "--skip", "nope", "--out", str(out)]) == 1
     assert "--skip ['nope'] unknown" in capsys.readouterr().err
+
+
+def test_bad_settings_name_the_argument():
+    from xlkernels.models import tiny_model
+    model, tok = tiny_model("llama")
+    corpus = parallel_corpus(1)
+    with pytest.raises(ValueError, match="n_nll"):
+        rp.run(model, tok, corpus=corpus, level="quick", overrides=dict(TINY, n_nll=1))
+    with pytest.raises(ValueError, match="level must be one of"):
+        rp.run(model, tok, corpus=corpus, level="huge")
+    with pytest.raises(ValueError, match="parallel corpus"):
+        rp.run(model, tok, corpus=dict(corpus, fr=corpus["fr"][:-1]), level="quick", overrides=TINY)

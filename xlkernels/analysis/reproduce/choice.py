@@ -227,7 +227,8 @@ def alignment_rows(steerer, tok, test, cfg, downstream: dict):
                               "(Kargaran et al. 2025)", mean, downstream,
                               departures="downstream = forced-choice translation retrieval accuracy (lang -> en) "
                               "on the same test paragraphs; weighted pooling, mean over layers",
-                              what=f"; MEXA per layer peaks at {int(torch.stack(list(curves.values())).mean(0).argmax())}")
+                              what=f"; MEXA per layer peaks at {int(torch.stack(list(curves.values())).mean(0).argmax())}"
+                              )
     mexa["details"]["curves"] = {x: c.tolist() for x, c in curves.items()}
     n = len(test["en"])
     perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(cfg["seeds"])]

@@ -253,7 +253,8 @@ def classes(claim, paper, per_layer: dict, half_a: dict, half_b: dict, total: in
     finding. per_layer {class: (L,) counts}; half_a / half_b {class: set of (layer, neuron)} selected on two
     disjoint halves of the fit texts; total = number of neurons. For each class the share of half A's neurons
     also in half B gets a Wilson interval; chance is |B| / total. Holds when every class's lower bound clears
-    chance; does not hold when one class is empty or its upper bound is below chance."""
+    chance; does not hold when one class is empty in all the fit texts or its upper bound is below chance;
+    a class found in all the fit texts but not in half A is undecided (more text would decide it)."""
     rows, holds, notes = {}, True, []
     for c, a in half_a.items():
         b = half_b.get(c, set())
@@ -263,7 +264,10 @@ def classes(claim, paper, per_layer: dict, half_a: dict, half_b: dict, total: in
         rows[c] = {"overlap": k / n if n else 0.0, "wilson": [lo, hi], "chance": chance, "n": n,
                    "jaccard": k / len(a | b) if a | b else 0.0}
         h, note = verdict(k / n if n else 0.0, lo, hi, chance, n)
-        if n == 0 or h is False:
+        found = float(_t(per_layer.get(c, [0])).sum())
+        if n == 0 and found > 0:
+            h, note = None, f"none in half A of the fit texts ({int(found)} in all of them): needs more fit text"
+        if (n == 0 and not found) or h is False:
             holds = False
         elif h is None and holds is not False:
             holds = None

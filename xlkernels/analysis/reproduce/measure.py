@@ -19,14 +19,15 @@ from .report import format_table, print_summary, write_report  # noqa: F401 (thi
 
 LEVELS = {
     # demo: `make demo` step 4 on the Django corpus (no generation rows); default: the recorded run
-    "demo": dict(langs=("en", "de", "fr"), seeds=10, n_nll=12, n_lahis=8, lahis_heads=2, max_length=48,
-                 new_tokens=12, n_prompts=16, n_offtarget=0, steps=("neurons", "heads", "alignment")),
+    "demo": dict(langs=("en", "de", "fr"), seeds=10, n_nll=10, n_lahis=4, lahis_heads=2, max_length=48,
+                 new_tokens=12, n_prompts=16, n_offtarget=0, n_choice=12, steps=("neurons", "heads", "alignment")),
     "quick": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=24, n_lahis=12,
                   lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=8, n_choice=24,
                   choice_langs=("de",), n_experts=24, mask_train=8, mask_seeds=3, steps=None),
-    "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=64, n_lahis=24,
-                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=64, n_offtarget=16, n_choice=64,
-                    choice_langs=("de", "ru", "ja"), n_experts=48, mask_train=16, mask_seeds=10, steps=None),
+    # default is sized to finish in 1-2 hours of CPU on 2 cores (README): 48 test paragraphs per language
+    "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=48, n_lahis=16,
+                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=48, n_offtarget=16, n_choice=48,
+                    choice_langs=("de", "ja"), n_experts=48, mask_train=16, mask_seeds=10, steps=None),
     "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=20, n_nll=111, n_lahis=48,
                  lahis_heads=3, max_length=128, new_tokens=24, n_prompts=111, n_offtarget=32, n_choice=111,
                  choice_langs=("de", "fr", "es", "ru", "zh_Hans", "ja"), n_experts=96, mask_train=48,
@@ -64,37 +65,38 @@ ROWS = {
 }
 
 
-def _nll(steerer, tok, texts, idx):
-    """(len(idx),) mean NLL per token of texts[i], each scored after texts[i - 1] as context."""
-    return tasks.prefixed_nll(steerer.model, tok, [texts[i] for i in idx], [texts[i - 1] for i in idx])
+def _nll(steerer, tok, test, cells):
+    """(len(cells),) mean NLL per token of test[x][i] for each cell (x, i), scored after test[x][i - 1]."""
+    return tasks.prefixed_nll(steerer.model, tok, [test[x][i] for x, i in cells], [test[x][i - 1] for x, i in cells])
 
 
 def _ablate(steerer, tok, test, apply_own, apply_rand, seeds):
     """base (K, n), off (K, K, n), rnd (K, S, n) per-text NLL; apply_own(k) / apply_rand(k, seed) set the
-    intervention for language k on the steerer. Round robin keeps it at 4 K n scored texts: with language
-    k's units off, text i of the other languages is scored in one of them (i mod K-1), and the random draw
-    on text i is seed i mod S; the cells not scored are NaN."""
+    intervention for language k on the steerer. Round robin keeps it at 4 K n scored texts in K (S + 1) + 1
+    passes: with language k's units off, text i of the other languages is scored in one of them (i mod K-1),
+    and the random draw on text i is seed i mod S; the cells not scored are NaN."""
     langs = list(test)
     K, n = len(langs), len(test[langs[0]])
     steerer.reset()
-    base = torch.stack([_nll(steerer, tok, test[x], range(n)) for x in langs])
+    cells = [(x, i) for x in langs for i in range(n)]
+    base = _nll(steerer, tok, test, cells).view(K, n)
     off = torch.full((K, K, n), float("nan"), dtype=torch.float64)
     rnd = torch.full((K, seeds, n), float("nan"), dtype=torch.float64)
     try:
         for k in range(K):
+            others = [j for j in range(K) if j != k]
+            idx = [(k, i) for i in range(n)] + [(others[i % (K - 1)], i) for i in range(n) if K > 1]
             steerer.reset()
             apply_own(k)
-            off[k, k] = _nll(steerer, tok, test[langs[k]], range(n))
-            for p, x in enumerate(j for j in range(K) if j != k):
-                idx = [i for i in range(n) if i % (K - 1) == p]
-                if idx:
-                    off[k, x, idx] = _nll(steerer, tok, test[langs[x]], idx)
+            vals = _nll(steerer, tok, test, [(langs[j], i) for j, i in idx])
+            for (j, i), v in zip(idx, vals.tolist()):
+                off[k, j, i] = v
             for s in range(seeds):
-                idx = [i for i in range(n) if i % seeds == s]
-                if idx:
+                ids = list(range(s, n, seeds))
+                if ids:
                     steerer.reset()
                     apply_rand(k, s)
-                    rnd[k, s, idx] = _nll(steerer, tok, test[langs[k]], idx)
+                    rnd[k, s, ids] = _nll(steerer, tok, test, [(langs[k], i) for i in ids])
     finally:
         steerer.reset()
     return base, off, rnd
@@ -132,7 +134,7 @@ def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
     cc = cls_full.counts()
     per_layer = {c: cc[c].sum(0) if cc[c].dim() == 2 else cc[c] for c in ("specific", "related", "general")}
     members = lambda c: {name: _class_members(c, name) for name in ("specific", "related", "general")}  # noqa: E731
-    rows = {"lape_ablation": row, "neuron_classes": claims.classes("Neurons: language-specific, -related and general classes are stable, per layer",
+    rows = {"lape_ablation": row, "neuron_classes": claims.classes(ROWS["neuron_classes"][1],
                                 "language-specific, language-related and language-agnostic neurons; their layer "
                                 "distribution (Zhang et al. 2025)", per_layer, members(cls[0]), members(cls[1]), L * I,
                                 departures="classes from each half of the fit texts; lambda chosen as in the "
@@ -223,7 +225,8 @@ def measure_choice(steerer, tok, fit, dev, test, cfg, state):
 
 def measure_alignment(steerer, tok, fit, dev, test, cfg, state):
     from . import choice
-    acc = {x: float(choice.accuracy(steerer, tok, test, x).float().mean()) for x in test if x != "en"}
+    sub = {x: t[:cfg["n_choice"]] for x, t in test.items()}
+    acc = {x: float(choice.accuracy(steerer, tok, sub, x).float().mean()) for x in test if x != "en"}
     rows, curves = choice.alignment_rows(steerer, tok, test, cfg, acc)
     state["mexa"] = curves
     return rows
@@ -260,6 +263,10 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     cfg = dict(COMMON, **LEVELS[level])
     cfg.update(overrides or {}, level=level)
+    small = {k: cfg[k] for k in ("n_nll", "n_prompts", "n_choice", "n_offtarget") if 0 < cfg[k] < cfg["seeds"]}
+    if small:
+        raise ValueError(f"{small} must be >= seeds ({cfg['seeds']}): item i is measured under control seed i mod "
+                         "seeds, so fewer items would leave seeds unmeasured")
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")

@@ -69,10 +69,12 @@ def packed_nll(model, tok, texts, window: int = 192, context: int = 64, batch: i
 
 
 @torch.no_grad()
-def prefixed_nll(model, tok, texts, contexts, context: int = 64, batch: int = 8) -> torch.Tensor:
+def prefixed_nll(model, tok, texts, contexts, context: int = 64, max_tokens: int = 4096) -> torch.Tensor:
     """(n,) mean NLL per token of each text scored after its context: BOS, the last `context` tokens of
     contexts[i], a newline, then texts[i] (only its tokens are scored). Each text is its own row, so any subset
-    of texts scores the same as in the whole set, and no scored token sits right after BOS."""
+    of texts scores the same as in the whole set, and no scored token sits right after BOS. Rows are sorted by
+    length and batched up to `max_tokens` padded tokens (a forward reads every weight once, so on a CPU few
+    large batches beat many small ones)."""
     if len(texts) != len(contexts):
         raise ValueError(f"texts and contexts differ in length: {len(texts)} != {len(contexts)}")
     if context < 1:
@@ -85,12 +87,16 @@ def prefixed_nll(model, tok, texts, contexts, context: int = 64, batch: int = 8)
         a = bos + tok(c, add_special_tokens=False)["input_ids"][-context:] + nl
         rows.append((a, tok(t, add_special_tokens=False)["input_ids"]))
     out = torch.full((len(rows),), float("nan"), dtype=torch.float64)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    order = [i for i in sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1])) if rows[i][1]]
+    batches, cur = [], []
+    for i in order:     # ascending lengths: row i is the longest of its batch so far
+        if cur and (len(cur) + 1) * (len(rows[i][0]) + len(rows[i][1])) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches += [cur] if cur else []
     dev = _dev(model)
-    for s in range(0, len(order), batch):
-        ids_ = [i for i in order[s:s + batch] if rows[i][1]]
-        if not ids_:
-            continue
+    for ids_ in batches:
         ids, mask = pad_right([rows[i][0] + rows[i][1] for i in ids_], pad_id_of(tok), dev)
         lab = torch.full_like(ids, -100)
         for r, i in enumerate(ids_):
