@@ -1,5 +1,6 @@
-"""What the rows measure on the model: packed held-out NLL per text, forced-choice translation retrieval by
-likelihood, steered generation with strict language labels, fluency under the target-language prompt, chrF."""
+"""What the rows measure on the model: held-out NLL per text after a context paragraph, forced-choice
+translation retrieval by likelihood, steered generation with strict language labels, fluency under the
+target-language prompt, chrF."""
 from __future__ import annotations
 
 import contextlib
@@ -24,50 +25,6 @@ def _dev(model):
 
 
 # ---------------------------------------------------------------------------------------------- NLL
-@torch.no_grad()
-def packed_nll(model, tok, texts, window: int = 192, context: int = 64, batch: int = 8):
-    """Per-text (NLL sums (n,), token counts (n,)) of texts scored inside a packed stream: BOS, then the texts
-    joined by newlines, cut into windows of `window` tokens that overlap by `context`; a token is scored once,
-    in the first window where it has >= `context` tokens before it. So no scored token sits right after BOS
-    or at the start of a window, and a text's first tokens are conditioned on the texts before it."""
-    if not 0 < context < window:
-        raise ValueError(f"need 0 < context < window, got {context}, {window}")
-    model = _model(model)
-    stream, owner = [tok.bos_token_id] if tok.bos_token_id is not None else [], []
-    owner = [-1] * len(stream)
-    nl = tok("\n", add_special_tokens=False)["input_ids"]
-    for i, t in enumerate(texts):
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        stream += ids + nl
-        owner += [i] * len(ids) + [-1] * len(nl)
-    rows, labels = [], []
-    start, step = 0, window - context
-    while start + context < len(stream):
-        ids = stream[start:start + window]
-        lab = [-100] * len(ids)
-        for p in range(context, len(ids)):
-            if owner[start + p] >= 0:
-                lab[p] = ids[p]
-        rows.append((ids, lab, start))
-        start += step
-    sums = torch.zeros(len(texts), dtype=torch.float64)
-    counts = torch.zeros(len(texts), dtype=torch.long)
-    dev = _dev(model)
-    for s in range(0, len(rows), batch):
-        chunk = rows[s:s + batch]
-        ids, mask = pad_right([r[0] for r in chunk], pad_id_of(tok), dev)
-        lab = torch.full_like(ids, -100)
-        for b, r in enumerate(chunk):
-            lab[b, :len(r[1])] = torch.tensor(r[1])
-        nll, valid = token_nll(model, ids, mask, lab)
-        for b, r in enumerate(chunk):
-            pos = valid[b].nonzero().flatten() + 1      # nll[:, t] predicts token t + 1
-            own = torch.tensor([owner[r[2] + int(p)] for p in pos], dtype=torch.long)
-            sums.index_add_(0, own, nll[b, pos - 1].double().cpu())
-            counts.index_add_(0, own, torch.ones_like(own))
-    return sums, counts
-
-
 @torch.no_grad()
 def prefixed_nll(model, tok, texts, contexts, context: int = 64, max_tokens: int = 4096) -> torch.Tensor:
     """(n,) mean NLL per token of each text scored after its context: BOS, the last `context` tokens of
