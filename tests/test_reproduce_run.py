@@ -98,6 +98,10 @@ def test_bad_settings_name_the_argument():
     corpus = parallel_corpus(1)
     with pytest.raises(ValueError, match="n_nll"):
         rp.run(model, tok, corpus=corpus, level="quick", overrides=dict(TINY, n_nll=1))
+    few = rp.run(model, tok, corpus=parallel_corpus(2, 12), level="demo", overrides=dict(TINY, seeds=10, n_nll=10,
+                 n_choice=10, n_offtarget=0, n_prompts=10), steps=("neurons",), log=lambda *a: None)
+    row = few["rows"][0]     # 12 texts give 4 test texts: 4 control seeds, so the row cannot hold
+    assert few["settings"]["seeds"] == 4 and "4 seeds" in row["control"] and row["holds"] is not True
     with pytest.raises(ValueError, match="level must be one of"):
         rp.run(model, tok, corpus=corpus, level="huge")
     with pytest.raises(ValueError, match="parallel corpus"):

@@ -286,6 +286,10 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
     if len({len(t) for t in corpus.values()}) != 1:
         raise ValueError("reproduce needs a parallel corpus (the same number of aligned texts per language)")
     fit, dev, test = cp.split(corpus, cfg["fractions"], seed)
+    n_test = len(test["en"])
+    if n_test < cfg["seeds"]:     # a small corpus: fewer control seeds, so the rows say they cannot hold
+        log(f"  only {n_test} test texts: {n_test} control seeds instead of {cfg['seeds']}")
+        cfg["seeds"] = max(1, n_test)
     cfg["target"] = cfg["target"] if cfg["target"] in corpus else next(x for x in corpus if x != "en")
     steerer = model if hasattr(model, "record_neurons") else xlkernels.patch(model)
     steerer.reset()
