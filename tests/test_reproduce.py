@@ -10,6 +10,15 @@ from xlkernels.analysis.evaluation import langid
 from xlkernels.analysis.reproduce import choice, claims as C, controls, intervals as I, steer, tasks
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: on a loaded 2-core machine a second torch thread makes these tests ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------- intervals
 def test_wilson_known_values():
     lo, hi = I.wilson(6, 8)                    # the issue's example: 6/8 is 0.41-0.93

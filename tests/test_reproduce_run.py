@@ -38,16 +38,22 @@ def check_rows(rows):
             assert r["control"] and r["interval"], r["claim"]
 
 
-@pytest.fixture
-def seed():
-    """A fresh corpus and model seed per run (printed), on one thread: a tiny model gains nothing from two,
-    and on a loaded machine their spinning costs twice the CPU time."""
-    s = random.randrange(1 << 30)
-    print(f"corpus seed {s}")
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model gains nothing from a second torch thread; on a loaded machine its spinning costs twice the
+    CPU time."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield s
+    yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def seed():
+    """A fresh corpus and model seed per run (printed)."""
+    s = random.randrange(1 << 30)
+    print(f"corpus seed {s}")
+    return s
 
 
 def test_run_end_to_end_writes_every_row(tmp_path, seed):
