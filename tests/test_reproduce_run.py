@@ -98,6 +98,12 @@ def test_cli_end_to_end(tmp_path, seed, monkeypatch, capsys):
     assert "--skip ['nope'] unknown" in capsys.readouterr().err
 
 
+def test_every_level_is_valid():
+    for level in rp.LEVELS:
+        cfg = rp.settings(level)
+        assert cfg["seeds"] >= 10 and cfg["level"] == level
+
+
 def test_bad_settings_name_the_argument():
     from xlkernels.models import tiny_model
     model, tok = tiny_model("llama")

@@ -22,7 +22,7 @@ LEVELS = {
     "demo": dict(langs=("en", "de", "fr"), seeds=10, n_nll=10, n_lahis=4, lahis_heads=2, max_length=48,
                  new_tokens=12, n_prompts=16, n_offtarget=0, n_choice=12, steps=("neurons", "heads", "alignment")),
     "quick": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=24, n_lahis=12,
-                  lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=8, n_choice=24,
+                  lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=10, n_choice=24,
                   choice_langs=("de",), n_experts=24, mask_train=8, mask_seeds=3, steps=None),
     # default is sized to finish in 1-2 hours of CPU on 2 cores (README): 48 test paragraphs per language
     "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=48, n_lahis=16,
@@ -247,6 +247,19 @@ def measure_soft_mask(steerer, tok, fit, dev, test, cfg, state):
     return {"soft_mask": soft_mask_row(steerer, tok, fit, test, cfg, scores, tgt)}
 
 
+def settings(level="default", overrides=None) -> dict:
+    """The settings of a level (COMMON, then LEVELS[level], then overrides), checked."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    cfg = dict(COMMON, **LEVELS[level])
+    cfg.update(overrides or {}, level=level)
+    small = {k: cfg[k] for k in ("n_nll", "n_prompts", "n_choice", "n_offtarget") if 0 < cfg[k] < cfg["seeds"]}
+    if small:
+        raise ValueError(f"{small} must be >= seeds ({cfg['seeds']}): item i is measured under control seed i mod "
+                         "seeds, so fewer items would leave seeds unmeasured")
+    return cfg
+
+
 def _missing(key, cfg, why):
     step, claim, paper = ROWS[key]
     return claims.not_measured(claim.format(tgt=cfg["target"]), paper, why)
@@ -259,14 +272,7 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
     import xlkernels
     from .. import corpus as cp
     level = "quick" if quick else level
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    cfg = dict(COMMON, **LEVELS[level])
-    cfg.update(overrides or {}, level=level)
-    small = {k: cfg[k] for k in ("n_nll", "n_prompts", "n_choice", "n_offtarget") if 0 < cfg[k] < cfg["seeds"]}
-    if small:
-        raise ValueError(f"{small} must be >= seeds ({cfg['seeds']}): item i is measured under control seed i mod "
-                         "seeds, so fewer items would leave seeds unmeasured")
+    cfg = settings(level, overrides)
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
