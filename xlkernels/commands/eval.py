@@ -78,19 +78,19 @@ def parse_strengths(specs):
     return out
 
 
-def _splits(args):
-    """(fit {lang: paragraphs}, dev prompts, test prompts) from GNOME Help's seeded fit / dev / test splits
-    (analysis/corpus.py); prompts are the first 60% of each source paragraph."""
+def _splits(args, corpus=None):
+    """(fit {lang: paragraphs}, dev prompts, test prompts) from the seeded fit / dev / test splits of a parallel
+    corpus (default GNOME Help, analysis/corpus.py); prompts are the first 60% of each source paragraph."""
     from xlkernels.analysis import corpus as cp
     from xlkernels.analysis.reproduce.steer import prompts_of
     langs = args.langs.split(",") if args.langs else ["en", "de", "fr", "es"]
     langs = ["en"] * ("en" not in langs) + langs + [x for x in (args.source, args.target) if x not in langs + ["en"]]
-    fit, dev, test = cp.split(cp.help_corpus(langs))
+    fit, dev, test = cp.split(cp.help_corpus(langs) if corpus is None else corpus)
     have = {"--n-fit": (args.n_fit, len(fit["en"])), "--n-prompts": (args.n_prompts, min(len(dev["en"]),
                                                                                          len(test["en"])))}
     for flag, (want, n) in have.items():
         if want > n:
-            raise ValueError(f"{flag} {want}: GNOME Help has {n} aligned paragraphs in that split for {langs}")
+            raise ValueError(f"{flag} {want}: the corpus has {n} aligned paragraphs in that split for {langs}")
     return ({x: t[:args.n_fit] for x, t in fit.items()}, prompts_of(dev[args.source][:args.n_prompts]),
             prompts_of(test[args.source][:args.n_prompts]))
 
