@@ -30,6 +30,7 @@ if [[ ${XLKERNELS_OFFLINE:-0} != 1 ]] && "$VPY" -m pip download -q --no-deps -d 
   "$VPY" -m pip install -q "${pins[@]}" -r requirements.txt
 fi
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+[[ ${XLKERNELS_OFFLINE:-0} == 1 ]] || bash scripts/get_corpus.sh "$VENV"   # the default corpus of reproduce / eval
 # XLKERNELS_JIT=0: the _C just built, not one compiled on first use
 XLKERNELS_JIT=0 "$VPY" -c "import xlkernels, sys; i = xlkernels.ext_info()
 sys.exit(0 if i['how'] == 'prebuilt' else f'xlkernels._C (CPU) failed to build or load: {i[\"error\"]}')"

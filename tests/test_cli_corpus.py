@@ -57,7 +57,7 @@ def test_command_reads_corpus(cmd, corpus_file, tmp_path, capsys):
              "align": ["--n", "8", "--no-plot", "--json", str(out / "a.json")],
              "eval": ["--fit", "lape", "--langs", "en,de", "--n-fit", "8", "--n-prompts", "2",
                       "--max-new-tokens", "2", "--strengths", "own", "--out", str(out)],
-             "reproduce": ["--quick", "--skip", "steering,soft_mask,heads,mexa", "--out", str(out)]}[cmd]
+             "reproduce": ["--quick", "--skip", "steering,soft_mask,heads,alignment,choice,experts", "--out", str(out)]}[cmd]
     rc = cli.main([cmd, *TINY, "--corpus", str(corpus_file), *extra])
     err = capsys.readouterr().err
     assert rc == 0, err

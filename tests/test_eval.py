@@ -219,7 +219,12 @@ def test_cli_eval_tiny(tmp_path, capsys):
                    "--no-progress", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "| unsteered | none |" in text and "| claim | shift | alpha 4 |" in text
+    res = json.loads((out / "eval.json").read_text())
+    chosen = res["chosen"]["claim"]["strength"]
+    assert chosen in (1.0, 4.0) and "chosen on 3 dev prompts" in text
+    assert "| unsteered | none |" in text and f"| claim | shift | alpha {chosen:g} |" in text
+    assert {r["strength"] for r in res["dev"] if r["plan"] == "claim"} == {1.0, 4.0}
+    assert not set(res["dev_prompts"]) & set(res["prompts"]) and len(res["prompts"]) == 3
     for fn in ("eval.json", "eval.md", "eval.png", "plans/claim/plan.safetensors", "plans/lape/forcing.safetensors"):
         assert os.path.getsize(out / fn) > 0
     # saved plans evaluate again through --plan
@@ -229,6 +234,30 @@ def test_cli_eval_tiny(tmp_path, capsys):
     assert rc == 0 and "| c | shift | alpha 4 |" in text and "| l | forcing |" in text, text
 
 
+def test_strength_is_chosen_on_dev_and_reported_on_test(monkeypatch):
+    """A stand-in evaluate() where dev and test prompts disagree on the best strength; the chosen one is dev's,
+    and a strength whose dev NLL cost is too high is never chosen."""
+    rate = {("dev", 1.0): 0.9, ("dev", 2.0): 0.5, ("dev", 8.0): 1.0, ("test", 1.0): 0.4, ("test", 2.0): 0.95,
+            ("test", 8.0): 1.0}
+    cost = {1.0: 0.3, 2.0: 0.2, 8.0: 5.0}
+
+    def fake(model, tok, plans, prompts, *, source, target, strengths=None, **kw):
+        split = prompts[0].split()[0]
+        rows = [{"plan": "unsteered", "strength": None, "target_rate": 0.0, "nll": 2.0, "nll_delta": 0.0}]
+        rows += [{"plan": "p", "strength": a, "target_rate": rate[(split, a)], "nll": 2.0 + cost[a],
+                  "nll_delta": cost[a], "generations": ["x"]} for a in strengths["p"]]
+        return {"rows": rows, "prompts": list(prompts)}
+    monkeypatch.setattr(ev, "evaluate", fake)
+    res = ev.evaluate_held_out(None, None, {"p": object()}, ["dev a", "dev b"], ["test a"], source="en", target="de",
+                               strengths={"p": [1.0, 2.0, 8.0]})
+    assert res["chosen"] == {"p": {"strength": 1.0, "within_cost": True}}
+    assert [r["strength"] for r in res["rows"] if r["plan"] == "p"] == [1.0]
+    assert [r["target_rate"] for r in res["rows"] if r["plan"] == "p"] == [0.4]
+    assert all("generations" not in r for r in res["dev"])
+    with pytest.raises(ValueError, match="overlap"):
+        ev.evaluate_held_out(None, None, {"p": object()}, ["dev a"], ["dev a"], source="en", target="de")
+
+
 def test_cli_eval_bad_arguments(capsys):
     assert cli.main(["eval", "--tiny", "llama", "--prompt", "hi"]) == 1
     assert "--plan" in capsys.readouterr().err
@@ -236,6 +265,8 @@ def test_cli_eval_bad_arguments(capsys):
     assert "--fit" in capsys.readouterr().err
     assert cli.main(["eval", "--tiny", "llama", "--fit", "claim", "--strengths", "claim=a,b"]) == 1
     assert "--strengths" in capsys.readouterr().err
+    assert cli.main(["eval", "--tiny", "llama", "--fit", "claim", "--langs", "en,de,fr", "--n-prompts", "100000"]) == 1
+    assert "--n-prompts 100000: the corpus has" in capsys.readouterr().err
 
 
 @pytest.mark.model

@@ -1,346 +1,329 @@
-"""`xlkernels reproduce`: each claim's test on synthetic inputs with a known answer, and end-to-end runs."""
-import json
+"""`xlkernels reproduce`: intervals and controls on cases with a known answer, every claim function on planted
+inputs where it holds, fails or is undecided, and the issue's mutations (flipped direction, strength chosen on
+test, degenerate text counted as success)."""
 import math
-import os
 
 import pytest
 import torch
 
-from xlkernels import cli
-from xlkernels.analysis.reproduce import claims as C
-from xlkernels.analysis.reproduce import measure as rp
+from xlkernels.analysis.evaluation import langid
+from xlkernels.analysis.reproduce import choice, claims as C, controls, intervals as I, steer, tasks
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: on a loaded 2-core machine a second torch thread makes these tests ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
-# ---------------------------------------------------------------------------------------------- LAPE matrix
-@pytest.mark.parametrize("K", [2, 3, 5, 7])
-def test_lape_planted_diagonal_holds(K):
-    g = _gen(K)
-    m = torch.rand(K, K, generator=g, dtype=torch.float64) * 0.1
-    m.diagonal().copy_(1.0 + torch.rand(K, generator=g, dtype=torch.float64))
-    row = C.lape_deactivation(m, [f"l{i}" for i in range(K)])
-    assert row["holds"] is True
-    d = row["details"]
-    # independent means: diagonal, and every off-diagonal entry
-    off = [float(m[i, j]) for i in range(K) for j in range(K) if i != j]
-    assert d["diag_mean"] == pytest.approx(float(m.diagonal().mean()))
-    assert d["offdiag_mean"] == pytest.approx(sum(off) / len(off))
-    assert d["languages_ok"] == K and set(row) == {"claim", "paper", "measured", "holds", "details"}
+# ---------------------------------------------------------------------------------------------- intervals
+def test_wilson_known_values():
+    lo, hi = I.wilson(6, 8)                    # the issue's example: 6/8 is 0.41-0.93
+    assert (round(lo, 2), round(hi, 2)) == (0.41, 0.93)
+    assert I.wilson(0, 10)[0] == 0.0 and I.wilson(10, 10)[1] == pytest.approx(1.0)
+    lo, hi = I.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    with pytest.raises(ValueError):
+        I.wilson(3, 2)
 
 
-@pytest.mark.parametrize("K", [3, 6])
-def test_lape_flat_or_weak_diagonal_does_not_hold(K):
-    flat = torch.full((K, K), 0.7, dtype=torch.float64)
-    assert C.lape_deactivation(flat)["holds"] is False
-    weak = torch.rand(K, K, generator=_gen(1), dtype=torch.float64) * 0.01 + 1.0
-    weak.diagonal().fill_(1.6)   # 1.6x the others: more, but not "far more" (factor 2)
-    assert C.lape_deactivation(weak)["holds"] is False
-    assert C.lape_deactivation(weak, factor=1.5)["holds"] is True
-    inverted = flat.clone()
-    inverted.diagonal().fill_(-1.0)   # own language gets better: never holds, even with others negative
-    assert C.lape_deactivation(inverted - 1.0)["holds"] is False
+def test_bootstrap_covers_the_mean_and_is_seeded():
+    x = torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.3
+    est, lo, hi = I.mean_ci(x)
+    assert est == pytest.approx(float(x.mean()))
+    se = float(x.std() / 20)
+    assert lo < est < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert I.mean_ci(x) == (est, lo, hi)
+    assert I.mean_ci(torch.full((5,), 2.0)) == (2.0, 2.0, 2.0)
 
 
-def test_lape_bad_input():
-    with pytest.raises(ValueError, match="delta"):
-        C.lape_deactivation(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="delta"):
-        C.lape_deactivation(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="langs"):
-        C.lape_deactivation(torch.eye(3), ["a", "b"])
+def test_fisher_and_pearson():
+    assert I.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    lo, hi = I.fisher_ci(0.5, 28)              # z = 0.549 +- 1.96 / 5
+    assert lo == pytest.approx(math.tanh(0.5493 - 0.392), abs=1e-3) and hi == pytest.approx(math.tanh(0.5493 + 0.392), abs=1e-3)
+    assert I.fisher_ci(0.9, 3) == (-1.0, 1.0)
 
 
-# ---------------------------------------------------------------------------------------------- LAPE layers
-def test_layer_bands():
-    assert C.layer_bands(18) == (list(range(4)), list(range(4, 14)), list(range(14, 18)))
-    assert C.layer_bands(32) == (list(range(8)), list(range(8, 24)), list(range(24, 32)))
-    assert C.layer_bands(3) == ([0], [1], [2])
-    assert C.layer_bands(2) == ([0], [], [1])
+def test_verdict_rule():
+    assert I.verdict(0.7, 0.6, 0.8, 0.5, 100)[0] is True
+    assert I.verdict(0.3, 0.2, 0.4, 0.5, 100)[0] is False
+    holds, note = I.verdict(0.6, 0.4, 0.8, 0.5, 20)
+    assert holds is None and "needs about 81 items" in note
 
 
-def _planted_layers(L, bottom, middle, top, K=3, seed=0):
-    """(K, L) counts drawn by multinomial from a per-layer density: bottom/middle/top weights."""
-    b, m, t = C.layer_bands(L)
-    w = torch.zeros(L, dtype=torch.float64)
-    w[b], w[m], w[t] = bottom, middle, top
-    return torch.stack([torch.multinomial(w, 2000, replacement=True, generator=_gen(seed + k)).bincount(minlength=L)
-                        for k in range(K)])
+# ---------------------------------------------------------------------------------------------- controls
+def test_random_neurons_match_layout_and_avoid_chosen():
+    layers = {0: torch.tensor([1, 5, 7]), 3: torch.tensor([2])}
+    excl = {0: {1, 5, 7, 8}, 3: {2}}
+    for s in range(10):
+        r = controls.random_neurons(layers, 10, s, exclude=excl)
+        assert {l: len(v) for l, v in r.items()} == {0: 3, 3: 1}
+        assert not set(r[0].tolist()) & excl[0] and r[3].item() != 2
+    assert controls.random_neurons(layers, 10, 1).keys() == layers.keys()
+    assert not torch.equal(controls.random_neurons(layers, 50, 1)[0], controls.random_neurons(layers, 50, 2)[0])
 
 
-@pytest.mark.parametrize("L", [7, 18, 32])
-def test_lape_layers_planted(L):
-    assert C.lape_layers(_planted_layers(L, 5, 1, 4))["holds"] is True          # U shape
-    assert C.lape_layers(_planted_layers(L, 1, 1, 1))["holds"] is False         # uniform
-    assert C.lape_layers(_planted_layers(L, 0.3, 1, 8))["holds"] is False       # top only (bottom empty)
-    assert C.lape_layers(_planted_layers(L, 1, 5, 1))["holds"] is False         # middle
+def test_random_heads_same_layers():
+    heads = [5, 9, 10]                        # layers 1, 2, 2 with 4 heads per layer
+    for s in range(10):
+        r = controls.random_heads(heads, 6, 4, s, exclude=[4])
+        assert [h // 4 for h in r] == [1, 2, 2] and not set(r) & {4, 5, 9, 10} and len(set(r)) == 3
 
 
-def test_lape_layers_numbers_and_undecided():
-    c = torch.tensor([10, 0, 0, 0, 0, 0, 0, 4])   # L = 8: bands 0-1 | 2-5 | 6-7
-    c[2:6] = torch.tensor([1, 1, 1, 1])
-    row = C.lape_layers(c)
-    r = row["details"]["ratio"]
-    assert r["bottom"] == pytest.approx((10 / 2) / 1.0) and r["top"] == pytest.approx((4 / 2) / 1.0)
-    assert row["holds"] is True and row["details"]["peak_layer"] == 0
-    assert C.lape_layers(torch.tensor([3, 4]))["holds"] is None
-    assert C.lape_layers(torch.zeros(10))["holds"] is None
-    with pytest.raises(ValueError, match="counts"):
-        C.lape_layers(torch.tensor([1, -1, 2]))
+def test_random_like_matches_norm_per_head():
+    v = torch.randn(3, 4, 8)
+    v[1, 2] = 0
+    r = controls.random_like(v, 0)
+    assert torch.allclose(r.norm(dim=-1), v.norm(dim=-1), atol=1e-5)
+    assert (r[1, 2] == 0).all() and not torch.allclose(r, v)
+    assert (controls.random_like(v, 0) == r).all()
 
 
-# ---------------------------------------------------------------------------------------------- LAHIS
-def test_lahis_planted():
-    K, S = 5, 4
-    g = _gen(3)
-    m = torch.rand(K, K, generator=g, dtype=torch.float64) * 0.05
-    m.diagonal().add_(0.5)
-    rnd = torch.rand(K, S, generator=g, dtype=torch.float64) * 0.05
-    row = C.lahis_masking(m, rnd, [2] * K)
-    assert row["holds"] is True and row["details"]["beats_random"] == K
-    assert row["details"]["random_mean"] == pytest.approx(float(rnd.mean()))
-    # own language hit, but random heads hurt more: does not hold
-    assert C.lahis_masking(m, rnd + 1.0, [2] * K)["holds"] is False
-    # random heads harmless, but the heads hurt every language alike: does not hold
-    assert C.lahis_masking(torch.full((K, K), 0.5, dtype=torch.float64), rnd, [2] * K)["holds"] is False
-
-
-def test_lahis_languages_without_heads_are_left_out():
-    m = torch.eye(3, dtype=torch.float64)
-    m[1] = torch.tensor([5.0, 0.0, 5.0])     # row of a language with no heads: would break the claim if counted
-    row = C.lahis_masking(m, torch.zeros(3), [1, 0, 2])
-    assert row["holds"] is True and row["details"]["languages"] == 2
-    assert C.lahis_masking(m, torch.zeros(3), [0, 0, 0])["holds"] is None
-    with pytest.raises(ValueError, match="random_delta"):
-        C.lahis_masking(m, torch.zeros(2), [1, 1, 1])
-    with pytest.raises(ValueError, match="n_heads"):
-        C.lahis_masking(m, torch.zeros(3), [1, 1])
-
-
-# ---------------------------------------------------------------------------------------------- soft mask, classes
-def test_soft_mask_row():
-    assert C.soft_mask(2.0, 1.9, 20, 200, 800, "de")["holds"] is True
-    assert C.soft_mask(2.0, 2.0, 20, 200, 800, "de")["holds"] is False
-    row = C.soft_mask(2.0, 2.1, 1, 8, 8, "de", random_after=2.05)
-    assert row["holds"] is False and row["details"]["gain"] == pytest.approx(-0.1)
-    with pytest.raises(ValueError, match="loss_after"):
-        C.soft_mask(2.0, math.nan, 1, 1, 1, "de")
-
-
-def test_ternary_classes():
-    assert C.ternary_classes([0, 5, 2, 1, 0], 5, 3, 7, 0.1, 4)["holds"] is True
-    for spec, rel, gen in ((0, 3, 7), (5, 0, 7), (5, 3, 0)):
-        assert C.ternary_classes([0, 5, 2, 1, 0], spec, rel, gen, 0.1, 4)["holds"] is False
-    with pytest.raises(ValueError, match="appear"):
-        C.ternary_classes([0, 1, 2], 1, 1, 1, 0.0, 4)
-
-
-def test_ternary_classes_from_planted_probabilities():
-    """Planted activation probabilities -> classify -> the row: one neuron group per class."""
-    from xlkernels.analysis import neurons as N
-    L, I, K = 3, 400, 4
-    p = torch.rand(L, I, K, generator=_gen(5), dtype=torch.float64) * 0.2
-    p[0, :4, :] = 0.01
+# ---------------------------------------------------------------------------------------------- ablation
+def _ablation(own, other, rnd, K=3, n=60, S=10, noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(K, n, generator=g, dtype=torch.float64) + 3
+    off = base[None].repeat(K, 1, 1) + other + noise * torch.randn(K, K, n, generator=g, dtype=torch.float64)
     for k in range(K):
-        p[0, k, k] = 0.99                     # specific: one language each
-    p[1, :3, :2] = 0.98                       # related: two languages
-    p[2, :5, :] = 0.97                        # general: all languages
-    cls = N.classify(p, top_rate=0.01)
-    cc = cls.counts()
-    row = C.ternary_classes(cls.appear, int(cc["specific"].sum()), int(cc["related"].sum()),
-                            int(cc["general"].sum()), cls.lam, K)
-    assert row["holds"] is True and row["details"]["specific"] >= K and row["details"]["general"] >= 5
-    p[1, :3, :2] = 0.1                        # no related neuron left
-    cls = N.classify(p, top_rate=0.01)
-    cc = cls.counts()
-    assert C.ternary_classes(cls.appear, int(cc["specific"].sum()), int(cc["related"].sum()),
-                             int(cc["general"].sum()), cls.lam, K)["holds"] is False
+        off[k, k] = base[k] + own + noise * torch.randn(n, generator=g, dtype=torch.float64)
+    r = base[:, None] + rnd + noise * torch.randn(K, S, n, generator=g, dtype=torch.float64)
+    return base, off, r
 
 
-# ---------------------------------------------------------------------------------------------- MEXA, steering
-def test_mexa_peak():
-    L = 18
-    x = torch.arange(L + 1, dtype=torch.float64)
-    hump = {"de": (1 - ((x - 9) / 9) ** 2).tolist(), "fr": (0.9 - ((x - 8) / 9) ** 2).tolist()}
-    row = C.mexa_peak(hump)
-    assert row["holds"] is True and row["details"]["peak_layer"] in (8, 9)
-    rising = {"de": (x / L).tolist()}
-    row = C.mexa_peak(rising)
-    assert row["holds"] is False and row["details"]["peak_layer"] == L
-    assert C.mexa_peak({"de": [0.1, 0.5]})["holds"] is None
-    with pytest.raises(ValueError, match="curves"):
-        C.mexa_peak({})
+def test_ablation_holds_fails_undecided():
+    langs = ["a", "b", "c"]
+    row = C.ablation("x", "p", *_ablation(0.5, 0.05, 0.02), langs)
+    assert row["holds"] is True and row["details"]["per_language"]["a"]["own"] == pytest.approx(0.5, abs=0.05)
+    assert C.ablation("x", "p", *_ablation(0.05, 0.5, 0.02), langs)["holds"] is False
+    und = C.ablation("x", "p", *_ablation(0.1, 0.05, 0.05, n=6, noise=0.2), langs)
+    assert und["holds"] is None and "needs about" in und["note"]
+    few = C.ablation("x", "p", *_ablation(0.5, 0.05, 0.02, S=3), langs)     # too few control seeds
+    assert few["holds"] is None and "3 seeds" in few["note"]
 
 
-def test_steering_best_setting():
-    pts = [{"setting": "alpha 1", "target_rate": 0.2, "source_rate": 0.8, "nll": 2.0},
-           {"setting": "alpha 4", "target_rate": 0.75, "source_rate": 0.2, "nll": 3.5},
-           {"setting": "alpha 8", "target_rate": 0.75, "source_rate": 0.1, "nll": 5.0}]
-    row = C.steering("neurons", pts, {"target_rate": 0.0, "nll": 2.5})
-    assert row["holds"] is True and row["details"]["best"]["setting"] == "alpha 4"
-    assert row["details"]["fluency_cost"] == pytest.approx(1.0)
-    assert C.steering("heads", pts[:1], {"target_rate": 0.0, "nll": 2.5})["holds"] is False
-    with pytest.raises(ValueError, match="sweep"):
-        C.steering("x", [], {"target_rate": 0.0, "nll": 1.0})
+def test_random_units_hurting_as_much_is_not_specific():
+    assert C.ablation("x", "p", *_ablation(0.5, 0.05, 0.5), ["a", "b", "c"])["holds"] is not True
 
 
-# ---------------------------------------------------------------------------------------------- data helpers
-def test_split_and_pairs():
-    corpus = {"en": [f"e{i}" for i in range(10)], "de": [f"d{i}" for i in range(10)]}
-    fit, ev = rp.split(corpus, 6, 3)
-    assert fit["de"] == [f"d{i}" for i in range(6)] and ev["de"] == ["d7", "d8", "d9"]
-    fit, ev = rp.split(corpus, 100, 100)        # held-out at most half, fit the rest
-    assert len(ev["en"]) == 5 and len(fit["en"]) == 5 and not set(fit["en"]) & set(ev["en"])
-    pairs = rp.qa_pairs(fit, "de")
-    assert pairs[0] == ("English: e0\nGerman:", " d0")
-    assert rp.is_parallel(corpus) and not rp.is_parallel({"en": ["a"], "de": ["a", "b"]})
-    with pytest.raises(ValueError, match="corpus"):
-        rp.split({"en": ["x"]}, 1, 1)
+# ---------------------------------------------------------------------------------------------- steering
+def _bern(p, n, seed):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p
 
 
-# ---------------------------------------------------------------------------------------------- end to end
-SMALL = dict(n_fit=12, n_eval=6, n_lahis=6, seeds=2, n_train=6, n_mexa=12, max_length=20, mask_batch=3)
+def test_steering_holds_fails_undecided():
+    n = 100
+    flu = torch.full((n,), 2.0)
+    ctrl = torch.stack([_bern(0.05, n, s) for s in range(10)])
+    row = C.steering("s", "p", _bern(0.9, n, 1), ctrl, torch.zeros(n, dtype=torch.bool), flu + 0.2, flu)
+    assert row["holds"] is True and row["details"]["k"] > 80
+    # a big fluency cost keeps it from holding
+    bad = C.steering("s", "p", _bern(0.9, n, 1), ctrl, torch.zeros(n, dtype=torch.bool), flu + 3, flu)
+    assert bad["holds"] is False
+    # the random control does as well: no gain over it
+    same = C.steering("s", "p", _bern(0.9, n, 1), torch.stack([_bern(0.9, n, s + 9) for s in range(10)]),
+                      torch.zeros(n, dtype=torch.bool), flu, flu)
+    assert same["holds"] is not True
+    # 6 of 8: Wilson 0.41-0.93 cannot clear 50%
+    small = C.steering("s", "p", torch.tensor([1, 1, 1, 1, 1, 1, 0, 0]).bool(), torch.zeros(10, 8).bool(),
+                       torch.zeros(8).bool(), torch.full((8,), 2.0), torch.full((8,), 2.0))
+    assert small["holds"] is None and small["details"]["wilson"][0] < 0.5
+    low = C.steering("s", "p", _bern(0.1, n, 2), ctrl, torch.zeros(n, dtype=torch.bool), flu, flu)
+    assert low["holds"] is False
 
 
-def _tiny_pair():
+def test_degenerate_output_is_never_a_success():
+    gens = [". Die 1.000.0000000", "-A-Wochen-Wochen-Wochen-W", "Die Einstellungen werden sofort gespeichert und gelten.",
+            "Wochen Wochen Wochen Wochen", "das das das ist"]
+    lab = langid.label(gens, ["en", "de"])
+    assert lab[0] == lab[1] == lab[3] == lab[4] == langid.DEGENERATE and lab[2] == "de"
+    assert tasks.success(lab, "de").tolist() == [False, False, True, False, False]
+    assert tasks.outside(lab, "en").tolist() == [False, False, True, False, False]
+    m = langid.mixed_rates(["Die Einstellungen werden sofort gespeichert.\nThe settings are saved at once here."],
+                           "de", ["en", "de"])
+    assert m["lines"] == 2 and m["line"] == 0.5 and 0 < m["word"] < 1
+
+
+class _FakeCells(steer.Cells):
+    """Success rate per strength: dev and test disagree on the best one."""
+
+    def __init__(self, rates, n=64):
+        self.rates, self.n, self.langs, self.prompts = rates, n, ["en", "de"], ["p"] * n
+
+    def run(self, steer=None, idx=None):
+        a = getattr(steer, "strength", 0.0)
+        k = round(self.rates.get(a, 0.0) * self.n)
+        labels = ["de"] * k + ["en"] * (self.n - k)
+        idx = range(self.n) if idx is None else idx
+        return {"labels": [labels[i] for i in idx], "texts": ["x"] * len(idx), "fluency": torch.full((len(idx),), 2.0)}
+
+    def base(self):
+        return self.run()
+
+
+def _make(a):
+    def steer(batch):
+        return None
+    steer.strength = a
+    return steer
+
+
+def test_strength_is_chosen_on_dev_not_on_test():
+    dev, test = _FakeCells({1.0: 0.9, 2.0: 0.5}), _FakeCells({1.0: 0.6, 2.0: 0.95})
+    ok = lambda lab: tasks.success(lab, "de")   # noqa: E731
+    row = steer.steer_row("s", "p", dev, test, _make, lambda a, s: _make(0.0), [1.0, 2.0], ok, 10, "", "de", 0.5)
+    assert row["details"]["setting"] == "strength 1" and row["details"]["k"] == round(0.6 * 64)
+    assert C.choose_strength({1.0: (0.5, 0.2), 2.0: (0.9, 3.0), 4.0: (0.5, 0.1)}) == 1.0
+    assert C.choose_strength({1.0: (0.5, 2.0)}) is None
+
+
+# ---------------------------------------------------------------------------------------------- choice, curves
+def test_claim_direction_points_toward_english():
+    de = torch.randn(20, 2, 3, 4) - 1.0
+    en = torch.randn(20, 2, 3, 4) + 1.0
+    S = choice.claim_direction(de, en)
+    assert (S > 0).float().mean() > 0.95          # mean_en - mean_de
+    moved = de.mean(0) + S
+    assert torch.allclose(moved, en.mean(0), atol=1e-5)
+
+
+def test_choice_gain_holds_fails_undecided():
+    n = 200
+    base = _bern(0.6, n, 0)
+    better = base | _bern(0.5, n, 1)
+    ctrl = torch.stack([base.clone() for _ in range(10)])
+    assert C.choice_gain("c", "p", base, better, ctrl)["holds"] is True
+    assert C.choice_gain("c", "p", base, base & _bern(0.5, n, 2), ctrl)["holds"] is False
+    row = C.choice_gain("c", "p", base[:10], base[:10], ctrl[:, :10])
+    assert row["holds"] in (None, False) and row["holds"] is not True
+
+
+def test_middle_peak_and_correlation():
+    L = 12
+    curve = torch.tensor([0.1 * min(l, L - 1 - l) for l in range(L)])
+    assert C.middle_peak("m", "p", curve, [5] * 100 + [6] * 100)["holds"] is True
+    assert C.middle_peak("m", "p", curve, [0] * 200)["holds"] is False
+    assert C.middle_peak("m", "p", curve, [5] * 100 + [0] * 100)["holds"] is None
+    x = {f"l{i}": i / 10 for i in range(8)}
+    assert C.correlation("r", "p", x, {k: v * 2 + 0.01 * (i % 2) for i, (k, v) in enumerate(x.items())})["holds"] is True
+    assert C.correlation("r", "p", x, {k: -v for k, v in x.items()})["holds"] is False
+    few = C.correlation("r", "p", {"a": 0.1, "b": 0.5, "c": 0.4}, {"a": 0.2, "b": 0.9, "c": 0.7})
+    assert few["holds"] is None
+
+
+def test_classes_split_half_against_chance():
+    a = {"specific": {(0, i) for i in range(40)}, "related": {(1, i) for i in range(20)}, "general": {(2, i) for i in range(30)}}
+    same = C.classes("c", "p", {"specific": [40, 0, 0]}, a, a, 10000)
+    assert same["holds"] is True and same["details"]["split_half"]["specific"]["overlap"] == 1.0
+    other = {k: {(l, i + 500) for l, i in v} for k, v in a.items()}
+    assert C.classes("c", "p", {}, a, other, 10000)["holds"] is None     # 0 of 20-40 cannot rule out 0.4% chance
+    assert C.classes("c", "p", {}, a, other, 150)["holds"] is False      # ... but can rule out 20-27%
+    empty = dict(a, general=set())
+    assert C.classes("c", "p", {}, empty, empty, 10000)["holds"] is False
+    few = C.classes("c", "p", {"general": [0, 0, 30]}, empty, a, 10000)      # in the full fit texts, not in half A
+    assert few["holds"] is None and "needs more fit text" in few["note"]
+
+
+def test_above_shuffled():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(100, generator=g) * 0.1 + 0.5
+    assert C.above_shuffled("a", "p", a, torch.rand(10, 100, generator=g) * 0.1)["holds"] is True
+    assert C.above_shuffled("a", "p", a, a[None].repeat(10, 1) + 0.2)["holds"] is False
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def test_chrf():
+    assert tasks.chrf("Die Datei wurde gespeichert.", "Die Datei wurde gespeichert.") == pytest.approx(100)
+    assert tasks.chrf("xyz", "abc") == 0.0
+    a = tasks.chrf("Die Datei wurde gespeichert.", "Die Datei ist gespeichert.")
+    assert 40 < a < 100
+
+
+def test_retrieval_items_are_balanced():
+    en = [f"sentence number {i} " + "x" * i for i in range(10)]
+    p, t, w = tasks.retrieval_items([f"Satz {i}" for i in range(10)], en, "de")
+    assert len(p) == len(t) == len(w) == 10 and all(a != b for a, b in zip(t, w))
+    assert p[0].startswith("German: Satz 0") and p[0].endswith("English:") and set(w) <= set(t)
+
+
+# ---------------------------------------------------------------------------------------------- round robin, new rows
+def test_round_robin_partitions_the_items():
+    parts = controls.round_robin(23, 10)
+    assert sorted(i for p in parts for i in p) == list(range(23))
+    assert all(i % 10 == s for s, p in enumerate(parts) for i in p)
+    with pytest.raises(ValueError):
+        controls.round_robin(5, 0)
+
+
+def test_ablation_with_round_robin_cells():
+    """Only one other language per text and one seed per text scored (NaN elsewhere): the verdicts stand."""
+    K, n, S = 4, 80, 10
+    for own, other, want in ((0.5, 0.05, True), (0.05, 0.5, False)):
+        base, off, rnd = _ablation(own, other, 0.02, K=K, n=n, S=S)
+        for k in range(K):
+            others = [x for x in range(K) if x != k]
+            for i in range(n):
+                for p, x in enumerate(others):
+                    if i % (K - 1) != p:
+                        off[k, x, i] = float("nan")
+            for s in range(S):
+                rnd[k, s, [i for i in range(n) if i % S != s]] = float("nan")
+        row = C.ablation("x", "p", base, off, rnd, list("abcd"))
+        assert row["holds"] is want and not math.isnan(row["details"]["stat"])
+
+
+def test_loss_drop_holds_fails_undecided():
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    base = torch.rand(100, generator=g, dtype=torch.float64) + 3
+    ctrl = base[None] + 0.01 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    assert C.loss_drop("m", "p", base, base - 0.2, ctrl)["holds"] is True
+    assert C.loss_drop("m", "p", base, base + 0.2, ctrl)["holds"] is False
+    assert C.loss_drop("m", "p", base, base - 0.2, base[None] - 0.2)["holds"] is not True   # random gates as good
+    assert C.loss_drop("m", "p", base[:5], base[:5] - 0.2, ctrl[:3, :5])["holds"] is None    # 3 seeds
+
+
+def test_steering_without_a_fluency_criterion():
+    n = 100
+    nan = torch.full((n,), float("nan"))
+    ctrl = _bern(0.05, n, 3)[None]
+    row = C.steering("o", "p", _bern(0.6, n, 4), ctrl, torch.zeros(n, dtype=torch.bool), nan, nan, min_rate=None,
+                     max_cost=None, seeds=10)
+    assert row["holds"] is True and "fluency" not in row["measured"] and "seed i mod S" in row["control"]
+    assert C.steering("o", "p", _bern(0.6, n, 4), ctrl, torch.zeros(n, dtype=torch.bool), nan, nan,
+                      min_rate=None, max_cost=None, seeds=3)["holds"] is None
+
+
+def test_average_precision_matches_its_definition():
+    from xlkernels.analysis.reproduce.experts import average_precision
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.rand(40, generator=g) < 0.3
+    y[0] = True
+    for u in range(5):
+        ranked = y[X[:, u].argsort(descending=True)].tolist()
+        hits = [sum(ranked[:k + 1]) / (k + 1) for k, r in enumerate(ranked) if r]
+        assert average_precision(X, y)[u].item() == pytest.approx(sum(hits) / len(hits))
+    perfect = torch.where(y, 1.0, 0.0)[:, None].double()
+    assert average_precision(perfect, y).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no positive"):
+        average_precision(X, torch.zeros(40, dtype=torch.bool))
+
+
+def test_retrieval_hits_on_planted_embeddings():
+    from xlkernels.analysis.reproduce.experts import retrieval_hits
+    E = torch.randn(3, 12, 16)
+    assert retrieval_hits(E, E + 0.01 * torch.randn(3, 12, 16)).tolist() == [1.0] * 12
+    assert retrieval_hits(E, E[:, [1, 0] + list(range(2, 12))])[:2].tolist() == [0.0, 0.0]
+    assert retrieval_hits(E, E[:, [4, 7]], [4, 7]).tolist() == [1.0, 1.0]
+
+
+def test_prefixed_nll_scores_a_subset_as_in_the_whole_set():
     from xlkernels.models import tiny_model
-    return tiny_model("llama", seed=3, num_hidden_layers=4)
-
-
-@pytest.fixture(scope="module")
-def tiny4():
-    from xlkernels.models import tiny_model
-    return tiny_model("llama", seed=3, num_hidden_layers=4)
-
-
-def test_run_tiny_end_to_end(tiny4, tmp_path):
-    model, tok = tiny4
-    steer_calls = []
-
-    def fake_eval(steerer, tok_, fit, ev, cfg, state):
-        steer_calls.append(list(fit))
-        return [C.steering("neurons", [{"setting": "x1", "target_rate": 0.6, "source_rate": 0.4, "nll": 3.0}],
-                           {"target_rate": 0.0, "nll": 2.0})]
-
-    rep = rp.run(model, tok, level="quick", out=str(tmp_path), name="tiny", overrides=SMALL, eval_fn=fake_eval,
-                 log=lambda *a: None)
-    assert rep["errors"] == []
-    names = [r["claim"] for r in rep["rows"]]
-    for prefix in ("LAPE: language neurons are", "LAPE: language neurons sit", "Neurons:", "LAHIS", "Soft head mask",
-                   "MEXA", "Steering: neurons"):
-        assert any(n.startswith(prefix) for n in names), (prefix, names)
-    assert steer_calls == [["en", "de", "fr", "es"]]
-    for fn in ("report.md", "reproduce.json", "lape_deactivation.png", "lahis_masking.png", "lape_layers.png",
-               "mexa.png"):
-        assert os.path.getsize(tmp_path / fn) > 0, fn
-    saved = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [r["claim"] for r in saved["rows"]] == names
-    md = (tmp_path / "report.md").read_text()
-    assert "| claim | paper | measured | result |" in md and "![mexa.png](mexa.png)" in md
-    lahis = next(r for r in rep["rows"] if r["claim"].startswith("LAHIS"))["details"]
-    assert lahis["seeds"] == 2 and len(lahis["delta"]) == 4
-    lape = next(r for r in rep["rows"] if r["claim"].startswith("LAPE: language neurons are"))["details"]
-    assert len(lape["base_nll"]) == 4 and all(math.isfinite(v) for row in lape["delta"] for v in row)
-    assert rep["n_eval"]["en"] == 6 and rep["n_fit"]["en"] == 12
-
-
-def test_run_random_baseline_is_seeded(tiny4):
-    model, tok = tiny4
-    kw = dict(level="quick", overrides=dict(SMALL, n_fit=6, n_eval=3, n_lahis=3, max_length=12), steps=("heads",),
-              log=lambda *a: None)
-    a = rp.run(model, tok, seed=1, **kw)["rows"][0]["details"]["random"]
-    b = rp.run(model, tok, seed=1, **kw)["rows"][0]["details"]["random"]
-    c = rp.run(model, tok, seed=2, **kw)["rows"][0]["details"]["random"]
-    assert a == b and a != c
-
-
-def test_run_bad_arguments(tiny4):
-    model, tok = tiny4
-    with pytest.raises(ValueError, match="level"):
-        rp.run(model, tok, level="huge")
-    with pytest.raises(ValueError, match="steps"):
-        rp.run(model, tok, steps=("neurons", "nope"))
-    with pytest.raises(ValueError, match="langs"):
-        rp.run(model, tok, corpus={"en": ["a b", "c d"], "de": ["e f", "g h"]}, langs=["en", "fr"])
-
-
-def test_print_summary(capsys):
-    rows = [C.soft_mask(2.0, 1.9, 1, 2, 2, "de"), C.soft_mask(2.0, 2.1, 1, 2, 2, "de"),
-            C.make_row("x", "", "undecided: y", None, {})]
-    rp.print_summary(rows)
-    out = capsys.readouterr().out
-    assert "holds " in out and "does not hold" in out and "undecided" in out and "1 of 3 claims hold" in out
-
-
-def test_cli_tiny(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(rp.LEVELS, "quick", dict(rp.LEVELS["quick"], **SMALL))
-    rc = cli.main(["reproduce", "--tiny", "llama", "--quick", "--no-progress", "--skip", "steering",
-                   "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "claims hold on this model" in out and "LAHIS" in out
-    assert os.path.getsize(tmp_path / "report.md") > 0
-    rep = rp.run(*_tiny_pair(), level="quick", overrides=SMALL, steps=("soft_mask",), log=lambda *a: None)
-    assert rep["rows"][0]["holds"] is None and "heads step" in rep["rows"][0]["measured"]
-    assert cli.main(["reproduce", "--tiny", "llama", "--skip", "bogus"]) == 1
-    assert "--skip" in capsys.readouterr().err
-
-
-@pytest.mark.model
-def test_reproduce_embedded_model(tmp_path, capsys):
-    rc = cli.main(["reproduce", "--quick", "--no-progress", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    rep = json.loads((tmp_path / "reproduce.json").read_text())
-    assert rep["model"].startswith("gemma-3-270m") and rep["errors"] == []
-    rows = {r["claim"]: r for r in rep["rows"]}
-    lape = next(r for c, r in rows.items() if c.startswith("LAPE: language neurons are"))
-    assert lape["holds"] is True, lape["measured"]
-    assert all(r["holds"] is not None for c, r in rows.items() if not c.startswith("Steering")), rows
-
-
-def test_cli_user_corpus_not_parallel(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(rp.LEVELS, "quick", dict(rp.LEVELS["quick"], **SMALL))
-    f = tmp_path / "c.jsonl"
-    rows = [{"lang": "en", "text": f"the cat number {i} sat on the mat"} for i in range(9)]
-    rows += [{"lang": "de", "text": f"die Katze Nummer {i} sass auf der Matte"} for i in range(7)]
-    f.write_text("\n".join(json.dumps(r) for r in rows))
-    rc = cli.main(["reproduce", "--tiny", "llama", "--quick", "--no-progress", "--corpus", str(f),
-                   "--skip", "heads,steering", "--out", str(tmp_path / "o")])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    rep = json.loads((tmp_path / "o" / "reproduce.json").read_text())
-    assert rep["langs"] == ["en", "de"] and rep["n_eval"] == {"en": 4, "de": 3}
-    mexa = next(r for r in rep["rows"] if r["claim"].startswith("MEXA"))
-    assert mexa["holds"] is None and "parallel" in mexa["measured"]
-    plain = tmp_path / "c.txt"
-    plain.write_text("just text\nno language\n")
-    assert cli.main(["reproduce", "--tiny", "llama", "--corpus", str(plain)]) == 2   # a bad file: exit 2
-    assert "--corpus" in capsys.readouterr().err
-
-
-def test_run_tiny_steering_from_eval_harness(tiny4, tmp_path):
-    """The steering rows come from analysis/evaluate.py: one per fitted method, each its best sweep point."""
-    from xlkernels.analysis.evaluation import evaluate as E
-    model, tok = tiny4
-    cfg = dict(SMALL, steer_prompts=2, steer_new_tokens=3, strengths={"shift": (4.0,), "itlc": (1.0,),
-               "incline": (0.3,), "forcing": (2.0,), "gate": (1.0,), "neurons": (None,)})
-    rep = rp.run(model, tok, level="quick", steps=("steering",), overrides=cfg, out=str(tmp_path),
-                 log=lambda *a: None)
-    assert rep["errors"] == []
-    rows = rep["rows"]
-    assert sorted(r["claim"].split(" ")[1].rstrip(",") for r in rows) == sorted(E.FIT_METHODS)
-    res = json.loads((tmp_path / "eval.json").read_text())
-    assert sum(r["holds"] is None for r in rows) <= 1   # an empty plan (no English neuron on a tiny model)
-    for r in rows:
-        if r["holds"] is None:
-            continue
-        d = r["details"]
-        plan = d["method"].split(" ")[0]
-        mine = [x for x in res["rows"] if x["plan"] == plan]
-        assert len(d["points"]) == len(mine)
-        assert d["best"]["target_rate"] == max(x["target_rate"] for x in mine)
-        assert d["baseline"]["nll"] == res["rows"][0]["nll"]
-    assert "## Steering sweep" in (tmp_path / "report.md").read_text()
+    model, tok = tiny_model("llama", seed=int(torch.randint(1000, (1,))), num_hidden_layers=2)
+    texts = [f"text number {i} has some words in it" for i in range(9)]
+    full = tasks.prefixed_nll(model, tok, texts, texts[-1:] + texts[:-1], context=16)
+    part = tasks.prefixed_nll(model, tok, texts[3:6], texts[2:5], context=16)
+    assert torch.allclose(full[3:6], part, atol=1e-5) and torch.isfinite(full).all()
+    other = tasks.prefixed_nll(model, tok, texts[3:6], ["zzz"] * 3, context=16)
+    assert not torch.allclose(other, part)

@@ -193,9 +193,10 @@ def step_steer(steerer, tok, corpus, prompts, target, alpha, max_new, progress, 
 def step_claims(steerer, tok, corpus, out, quick, summary):
     """A small `xlkernels reproduce` on the demo's corpus: one row per claim (steering: step 3 and `xlkernels eval`)."""
     from xlkernels.analysis.reproduce import measure as reproduce
-    small = {"n_fit": 16, "n_eval": 8, "n_lahis": 4, "n_train": 8, "n_mexa": 16} if quick else {}
-    rep = reproduce.run(steerer, tok, corpus=corpus, level="demo", overrides=small, out=os.path.join(out, "claims"),
-                        steps=("neurons", "heads", "soft_mask", "mexa"), log=lambda *a, **k: None)
+    small = {"n_lahis": 2} if quick else {}
+    rep = reproduce.run(steerer, tok, corpus=corpus, langs=list(corpus)[:3], level="demo", overrides=small,
+                        out=os.path.join(out, "claims"), steps=("neurons", "heads", "alignment"),
+                        log=lambda *a, **k: None)
     steerer.reset()
     reproduce.print_summary(rep["rows"])
     print("report: claims/report.md in --out; the full run with the steering rows: "

@@ -1,5 +1,7 @@
 """`xlkernels eval`: success rate and fluency cost of steering plans on held-out prompts, beside the
-unsteered model, with a strength sweep per method (analysis/evaluate.py)."""
+unsteered model (analysis/evaluation/evaluate.py). On GNOME Help's splits (analysis/corpus.py) plans are fitted
+on fit, each plan's strength is chosen by a sweep on dev prompts and reported on test prompts; with --prompt
+the sweep is reported as it is."""
 import os
 import sys
 import time
@@ -12,7 +14,7 @@ from ._files import file_option
 HELP = ("evaluate steering plans on held-out prompts beside the unsteered model: target/source language rate, "
         "fluency (NLL under the unsteered model), repetition, tokens/s; sweeps the strength; JSON, Markdown, PNG")
 EXAMPLES = """\
-  xlkernels eval --fit all                          # fit every method en -> de on the embedded corpus, sweep
+  xlkernels eval --fit all                          # fit en -> de on GNOME Help, strength chosen on dev, test
   xlkernels eval --plan claim=runs/shift --plan itlc=runs/itlc --target de --strengths claim=4,16,64
   xlkernels eval --fit lape,claim --target fr --n-prompts 32 --max-new-tokens 32 --out runs/eval_fr
   xlkernels eval --fit claim --steer-tokens prompt  # head steering in the prefill only
@@ -41,8 +43,9 @@ def add_arguments(p):
     d.add_argument("--target", default="de", help="the language to steer toward (default de)")
     d.add_argument("--langs", default=None, help="corpus languages for --fit (default en,de,fr,es + source/target)")
     add_corpus_arguments(d, note="; PARALLEL: text i is the same sentence in every language")
-    d.add_argument("--n-fit", type=int, default=96, help="texts per language to fit on (default 96)")
-    d.add_argument("--n-prompts", type=int, default=16, help="held-out source prompts, after the fit texts (default 16)")
+    d.add_argument("--n-fit", type=int, default=96, help="paragraphs per language to fit on (default 96)")
+    d.add_argument("--n-prompts", type=int, default=16, help="source prompts from the dev split (strength chosen) "
+                   "and as many from the test split (reported) (default 16)")
     d.add_argument("--prompt", action="append", default=[], help="prompt text instead of held-out corpus texts")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=24)
@@ -79,10 +82,30 @@ def parse_strengths(specs):
     return out
 
 
+def _splits(args, corpus=None):
+    """(fit {lang: paragraphs}, dev prompts, test prompts) from the seeded fit / dev / test splits of a parallel
+    corpus (default GNOME Help, analysis/corpus.py); prompts are the first 60% of each source paragraph."""
+    from xlkernels.analysis import corpus as cp
+    from xlkernels.analysis.reproduce.steer import prompts_of
+    langs = args.langs.split(",") if args.langs else ["en", "de", "fr", "es"]
+    langs = ["en"] * ("en" not in langs) + langs + [x for x in (args.source, args.target) if x not in langs + ["en"]]
+    if corpus is not None:
+        missing = [x for x in ("en", args.source, args.target) if x not in corpus]
+        if missing:
+            raise ValueError(f"--corpus lacks {missing} (needs en, --source and --target; it has {list(corpus)})")
+    fit, dev, test = cp.split(cp.help_corpus(langs) if corpus is None else corpus)
+    have = {"--n-fit": (args.n_fit, len(fit["en"])), "--n-prompts": (args.n_prompts, min(len(dev["en"]),
+                                                                                         len(test["en"])))}
+    for flag, (want, n) in have.items():
+        if want > n:
+            raise ValueError(f"{flag} {want}: the corpus has {n} aligned paragraphs in that split for {langs}")
+    return ({x: t[:args.n_fit] for x, t in fit.items()}, prompts_of(dev[args.source][:args.n_prompts]),
+            prompts_of(test[args.source][:args.n_prompts]))
+
+
 def run(args) -> int:
     import xlkernels
     from xlkernels.analysis.evaluation import evaluate as ev
-    from xlkernels.analysis.data import parallel_corpus
 
     methods = []
     if args.fit:
@@ -108,25 +131,13 @@ def run(args) -> int:
         if key in plans:
             raise ValueError(f"--plan: the name {key!r} is used twice")
         plans[key] = ev.load_plan(os.path.expanduser(path), model=steerer)
-    prompts = list(args.prompt)
-    corpus = None
+    prompts, dev = list(args.prompt), None
     if methods or not prompts:
-        langs = args.langs.split(",") if args.langs else ["en", "de", "fr", "es"]
-        langs += [x for x in (args.source, args.target) if x not in langs]
-        corpus = corpus_from_args(args) or parallel_corpus(langs)
-        missing = [x for x in (args.source, args.target) if x not in corpus]
-        if missing:
-            raise ValueError(f"--source/--target {missing} not among the corpus languages {list(corpus)}")
-        need = args.n_fit + (0 if prompts else args.n_prompts)
-        have = len(corpus[args.source])
-        if need > have:
-            raise ValueError(f"--n-fit {args.n_fit} + --n-prompts {args.n_prompts} exceed the {have} aligned texts "
-                             f"of {langs}")
-    if not prompts:
-        prompts = corpus[args.source][args.n_fit:args.n_fit + args.n_prompts]
+        fit, dev, test = _splits(args, corpus_from_args(args))
+        if not prompts:
+            prompts = test
     t0 = time.perf_counter()
     if methods:
-        fit = {x: t[:args.n_fit] for x, t in corpus.items()}
         print(f"fitting {', '.join(methods)} on {args.n_fit} texts of {', '.join(fit)} ({args.source} -> "
               f"{args.target})", file=sys.stderr)
         fitted = ev.fit_plans(steerer, tok, fit, args.source, args.target, methods, progress=progress)
@@ -141,14 +152,23 @@ def run(args) -> int:
     lid = args.lid_langs.split(",") if args.lid_langs else None
     print(f"model {name}; {len(prompts)} prompts ({args.source}), target {args.target}; plans: "
           f"{', '.join(f'{k} ({ev.method_of(v)})' for k, v in plans.items())}", file=sys.stderr)
-    res = ev.evaluate(steerer, tok, plans, prompts, source=args.source, target=args.target, strengths=strengths,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, lid_langs=lid,
-                      steer_tokens=args.steer_tokens, progress=progress)
+    kw = dict(source=args.source, target=args.target, strengths=strengths, max_new_tokens=args.max_new_tokens,
+              batch_size=args.batch_size, lid_langs=lid, steer_tokens=args.steer_tokens, progress=progress)
+    if dev is not None and not args.prompt:
+        res = ev.evaluate_held_out(steerer, tok, plans, dev, prompts, **kw)
+    else:
+        res = ev.evaluate(steerer, tok, plans, prompts, **kw)
     res.update(model=name, fit_seconds=round(fit_s, 1), eval_seconds=round(time.perf_counter() - t0 - fit_s, 1))
     with staged_dir(args.out) as out:
         ev.save(res, out, title=f"{name}: {args.source} -> {args.target}, success vs fluency")
     print(ev.to_markdown(res))
-    best = ev.best(res)
+    if "chosen" in res:
+        print(f"strength per plan chosen on {len(res['dev_prompts'])} dev prompts (highest {args.target} rate with "
+              f"an NLL cost <= {res['max_nll_delta']:g}), reported above on {len(prompts)} test prompts:")
+        for k, c in res["chosen"].items():
+            print(f"  {k:<12} {'-' if c['strength'] is None else format(c['strength'], 'g')}"
+                  + ("" if c["within_cost"] else "  (no dev strength within the cost: the best regardless)"))
+    best = ev.best(res) if "chosen" not in res else {}
     if best:
         print("best setting per plan (highest target rate, then lowest NLL):")
         for k, r in best.items():

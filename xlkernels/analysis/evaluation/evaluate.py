@@ -240,3 +240,28 @@ def best(result: dict, max_nll_delta: float | None = None) -> dict:
         if cur is None or (r["target_rate"], -r["nll"]) > (cur["target_rate"], -cur["nll"]):
             out[r["plan"]] = r
     return out
+
+
+def evaluate_held_out(model, tokenizer, plans: dict, dev_prompts, test_prompts, *, source: str, target: str,
+                      strengths=None, max_nll_delta: float = 1.0, **kw) -> dict:
+    """Each plan's strength chosen on dev prompts, reported on test prompts.
+
+    Sweeps `strengths` on dev_prompts, keeps each plan's best row (best(): highest target rate, then lower
+    NLL) among those with nll_delta <= max_nll_delta (a plan with none keeps its best row regardless and is
+    marked), and evaluates that strength alone on test_prompts. Returns the test result (evaluate()) with
+    "dev": the dev rows without generations, "chosen": {plan: {"strength", "within_cost"}} and
+    "max_nll_delta". kw: evaluate()'s other arguments."""
+    if not dev_prompts or not test_prompts:
+        raise ValueError("dev_prompts and test_prompts must both be non-empty")
+    if set(map(str, dev_prompts)) & set(map(str, test_prompts)):
+        raise ValueError("dev_prompts and test_prompts overlap: the strength would be chosen on test prompts")
+    dev = evaluate(model, tokenizer, plans, dev_prompts, source=source, target=target, strengths=strengths, **kw)
+    ok, anyrow = best(dev, max_nll_delta), best(dev)
+    chosen = {name: {"strength": (ok.get(name) or anyrow[name])["strength"], "within_cost": name in ok}
+              for name in plans}
+    test = evaluate(model, tokenizer, plans, test_prompts, source=source, target=target,
+                    strengths={name: [c["strength"]] if c["strength"] is not None else [0.0]
+                               for name, c in chosen.items()}, **kw)
+    test["dev"] = [{k: v for k, v in r.items() if k != "generations"} for r in dev["rows"]]
+    test.update(chosen=chosen, max_nll_delta=max_nll_delta, dev_prompts=list(dev_prompts))
+    return test

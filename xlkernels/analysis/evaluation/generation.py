@@ -63,9 +63,9 @@ def _device(model):
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens: int, batch_size: int = 16, steer=None, **gen_kw):
-    """Greedy batched generation: (generated ids per prompt, cut at EOS; seconds). steer(batch) -> context
-    manager active while a batch generates (its set-up time counts) that may yield extra generate()
-    keyword arguments, or None."""
+    """Batched generation, greedy unless gen_kw says otherwise (e.g. do_sample=True, temperature=0.7): (generated
+    ids per prompt, cut at EOS; seconds). steer(batch) -> context manager active while a batch generates (its
+    set-up time counts) that may yield extra generate() keyword arguments, or None."""
     eos, pad = _eos_ids(model, tok), pad_id_of(tok)
     dev = _device(model)
     outs, secs = [], 0.0
@@ -75,9 +75,9 @@ def generate(model, tok, prompts, max_new_tokens: int, batch_size: int = 16, ste
         batch = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
         t0 = time.perf_counter()
         with (steer(batch) if steer else contextlib.nullcontext()) as extra:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                                 **gen_kw, **(extra or {}))
+            kw = dict(do_sample=False, num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            kw.update(gen_kw, **(extra or {}))
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, **kw)
         secs += time.perf_counter() - t0
         T = batch["input_ids"].shape[1]
         outs += [_cut(r, eos) for r in out[:, T:].tolist()]

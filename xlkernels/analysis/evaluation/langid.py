@@ -107,3 +107,53 @@ def rates(texts, langs=None, min_confidence: float = MIN_CONFIDENCE) -> dict:
     for c in got:
         counts[c] = counts.get(c, 0) + 1
     return {c: n / len(got) for c, n in sorted(counts.items())}
+
+
+# ---------------------------------------------------------------------------------------------- generations
+DEGENERATE = "degenerate"
+MIN_DISTINCT = 3          # a generation needs >= 3 distinct words to be labelled
+MAX_TOP_SHARE = 0.5       # ... and no word may be more than half of its words (loops)
+_WORD = re.compile(r"[^\W\d_]+")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def word_list(text: str) -> list:
+    """Letter runs of a text; in CJK scripts every character is a word."""
+    out = []
+    for w in _WORD.findall(text):
+        out += list(w) if _CJK.search(w) else [w.lower()]
+    return out
+
+
+def degenerate(text: str) -> bool:
+    """Too few distinct words to identify, or a loop: < MIN_DISTINCT distinct words, or one word more than
+    MAX_TOP_SHARE of them (". Die 1.000.0000000", "-A-Wochen-Wochen-Wochen-W")."""
+    w = word_list(text)
+    if len(set(w)) < MIN_DISTINCT:
+        return True
+    top = max(w.count(x) for x in set(w))
+    return len(w) >= 4 and top / len(w) > MAX_TOP_SHARE
+
+
+def label(texts, langs=None, min_confidence: float = MIN_CONFIDENCE) -> list:
+    """detect() for generations: DEGENERATE for a degenerate text (never a language), else detect()'s answer.
+    A degenerate output counts as a failure of whatever a caller measures."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = [DEGENERATE if degenerate(t) else None for t in texts]
+    todo = [i for i, o in enumerate(out) if o is None]
+    for i, c in zip(todo, detect([texts[i] for i in todo], langs, min_confidence)):
+        out[i] = c
+    return out
+
+
+def mixed_rates(texts, target, langs=None) -> dict:
+    """Language confusion of generations: {"line": share of labelled lines (>= 3 distinct words) in the target,
+    "word": share of the words of labelled lines that sit in target lines, "lines": labelled lines}."""
+    lines = [ln for t in texts for ln in t.splitlines() if not degenerate(ln)]
+    if not lines:
+        return {"line": float("nan"), "word": float("nan"), "lines": 0}
+    got = detect(lines, langs)
+    n = [len(word_list(ln)) for ln in lines]
+    hit = [g == target for g in got]
+    return {"line": sum(hit) / len(lines), "word": sum(k for k, h in zip(n, hit) if h) / max(1, sum(n)),
+            "lines": len(lines)}

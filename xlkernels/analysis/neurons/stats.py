@@ -146,7 +146,7 @@ def _forward(model, input_ids, mask):
 @torch.no_grad()
 def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8, max_length: int = 256,
                   progress: bool = True, packing: bool = False, stats=None, shard=(0, 1), bucket: bool = True,
-                  max_tokens: int | None = None):
+                  max_tokens: int | None = None, drop_bos: bool = False):
     """Per-language FFN activation statistics over `corpus` ({language: texts}) in one stream.
 
     Returns a NeuronStats with fields (L, K, I) (K = len(corpus), in the dict's order); `positive` holds LAPE's
@@ -155,7 +155,8 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
     `max_tokens`, else batch_size x max_length, on a CPU at most 512); bucket=False: batch_size texts per
     batch in corpus order (`text_batches`). Both give the same per-token statistics up to float rounding (GEMM
     results depend on the batch shape, so a gate within rounding of 0 can flip its act > 0 count; sums
-    differ in the last bits). packing=True: LAPE's packed rows (`packed_batches`)."""
+    differ in the last bits). packing=True: LAPE's packed rows (`packed_batches`). drop_bos: BOS tokens are not
+    counted (they open every short text and act as an attention sink; LAPE's packed 4096-token rows hold few)."""
     _check_corpus(corpus)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -176,7 +177,10 @@ def collect_stats(steerer_or_model, tokenizer, corpus: dict, batch_size: int = 8
         batches, total = bucketed_batches(tokenizer, corpus, budget, max_length, shard=shard), None
     else:
         batches = text_batches(tokenizer, corpus, batch_size, max_length, shard=shard)
+    bos = getattr(tokenizer, "bos_token_id", None) if drop_bos else None
     for input_ids, mask, groups in _progress(batches, total, "neuron stats", progress):
+        if bos is not None:
+            groups = groups.masked_fill(input_ids == bos, -1)
         with steerer.record_neurons(groups.to(dev), K, stats=stats) as st:
             _forward(model, input_ids.to(dev), mask.to(dev))
         stats = st

@@ -1,13 +1,10 @@
-"""The seeds' central claims as tests on measured numbers (used by `xlkernels reproduce`).
+"""Each paper's claim as a test on measured numbers (no model): one row per claim.
 
-Each function takes the measurements of one claim (matrices, counts, curves: no model) and returns one row
-{claim, paper, measured, holds, details}: `holds` is True / False, or None when the claim cannot be decided
-on these inputs (e.g. a model too shallow to have "middle layers"); `measured` is one line for the table;
-`details` holds the numbers behind it (JSON-ready). The tests and their thresholds are ours: the papers give
-no numeric criterion (docs/methods.md sections 1, 3, 4, 7).
-
-Layer bands: with L layers and q = max(1, L // 4), the "bottom" layers are the first q, the "top" layers
-the last q and the "middle" layers the rest (L = 18: 0-3 | 4-13 | 14-17).
+A row is {claim, paper, departures, measured, holds, note, control, interval, details}. `holds` is True only
+when the 95% interval (intervals.py) of the row's statistic clears its criterion, the statistic compares the
+method with a matched random control of >= controls.SEEDS seeds, and (for steering) the fluency cost is
+bounded; False when the interval lies on the wrong side of the criterion; None (undecided) otherwise, with
+`note` saying what would decide it. Thresholds are ours: the papers give no numeric criterion.
 """
 from __future__ import annotations
 
@@ -15,70 +12,178 @@ import math
 
 import torch
 
-LAPE_FACTOR = 2.0      # "far more": mean diagonal >= 2x the mean off-diagonal increase
-EDGE_RATIO = 1.5       # "concentrate": bottom and top layers each hold >= 1.5x the middle's neurons per layer
-STEER_RATE = 0.5       # a steering method "switches the language" when most generations are in the target
+from .controls import SEEDS
+from .intervals import bootstrap, fisher_ci, pearson, verdict, wilson
+
+STEER_RATE = 0.5      # a steering method switches the language when most outputs are in the target
+MAX_COST = 1.0        # ... at a fluency cost of at most 1 nat per token (upper bound of its interval)
 
 
-def make_row(claim: str, paper: str, measured: str, holds, details: dict) -> dict:
-    return {"claim": claim, "paper": paper, "measured": measured,
-            "holds": None if holds is None else bool(holds), "details": details}
+def make_row(claim, paper, measured, holds=None, note="", *, departures="", control="", interval="",
+             details=None) -> dict:
+    return {"claim": claim, "paper": paper, "departures": departures, "measured": measured,
+            "holds": None if holds is None else bool(holds), "note": note, "control": control,
+            "interval": interval, "details": details or {}}
 
 
-def _matrix(m, name, K=None) -> torch.Tensor:
-    t = torch.as_tensor(m, dtype=torch.float64)
-    if t.dim() != 2 or t.shape[0] != t.shape[1] or t.shape[0] < 2:
-        raise ValueError(f"{name} must be a square (K, K) matrix with K >= 2, got shape {tuple(t.shape)}")
-    if K is not None and t.shape[0] != K:
-        raise ValueError(f"{name} is {t.shape[0]}x{t.shape[0]} but {K} languages were given")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} has non-finite entries")
-    return t
+def _seeds_note(s):
+    return "" if s >= SEEDS else f"the control has {s} seeds (needs >= {SEEDS})"
 
 
-def _langs(langs, K):
-    langs = [str(x) for x in (langs if langs is not None else range(K))]
-    if len(langs) != K:
-        raise ValueError(f"langs has {len(langs)} names for {K} rows")
-    return langs
+def _decide(est, lo, hi, crit, n, seeds):
+    holds, note = verdict(est, lo, hi, crit, n)
+    if holds and seeds < SEEDS:
+        return None, _seeds_note(seeds)
+    return holds, note
 
 
-def diag_offdiag(m: torch.Tensor, rows=None):
-    """(mean diagonal, mean off-diagonal, per-row diagonal, per-row mean off-diagonal) over `rows` (default
-    all) of a (K, K) matrix."""
-    K = m.shape[0]
-    rows = list(range(K)) if rows is None else list(rows)
-    off = m.masked_fill(torch.eye(K, dtype=torch.bool), 0.0).sum(1) / (K - 1)
-    d = m.diagonal()
-    idx = torch.as_tensor(rows, dtype=torch.long)
-    return float(d[idx].mean()), float(off[idx].mean()), d, off
+def _rr(ctrl, seeds):
+    return " (item i under seed i mod S)" if ctrl.shape[0] == 1 and seeds > 1 else ""
 
 
-# ---------------------------------------------------------------------------------------------- LAPE
-def lape_deactivation(delta, langs=None, factor: float = LAPE_FACTOR) -> dict:
-    """LAPE's K x K deactivation matrix (rows: language whose neurons are off, columns: evaluated language;
-    entries: NLL increase over the unmodified model). Holds when the mean diagonal is positive and at least
-    `factor` times the mean off-diagonal increase (negative off-diagonal counts as 0)."""
-    m = _matrix(delta, "delta")
-    langs = _langs(langs, m.shape[0])
-    dm, om, d, off = diag_offdiag(m)
-    holds = dm > 0 and dm >= factor * max(om, 0.0)
-    ratio = dm / om if om > 0 else math.inf
-    per = {x: {"own": float(a), "others": float(b)} for x, a, b in zip(langs, d, off)}
-    rows_ok = sum(float(a) > factor * max(float(b), 0.0) and float(a) > 0 for a, b in zip(d, off))
-    times = f"x{ratio:.1f}" if math.isfinite(ratio) else "others not raised"
-    measured = (f"own {dm:+.3f} vs others {om:+.3f} nats ({times}); own >= {factor:g}x others for "
-                f"{rows_ok}/{len(langs)} languages")
-    return make_row("LAPE: language neurons are language-specific",
-                    "deactivating language X's neurons raises X's NLL far more than the other languages' "
-                    "(Tang et al. 2024)", measured, holds,
-                    {"diag_mean": dm, "offdiag_mean": om, "ratio": ratio if math.isfinite(ratio) else None,
-                     "factor": factor, "languages_ok": rows_ok, "per_language": per, "langs": langs,
-                     "delta": m.tolist()})
+def _t(x):
+    return torch.as_tensor(x, dtype=torch.float64)
 
 
+# ---------------------------------------------------------------------------------------------- ablations
+def ablation(claim, paper, base, off, rnd, langs, departures="", what="neurons") -> dict:
+    """Switching language X's units off hurts X more than the other languages and more than matched random
+    units. base (K, n): per-text NLL of the plain model on each language's test texts (text i parallel across
+    languages); off (K, K, n): with row language's units off, on column language's texts; rnd (K, S, n): own
+    texts with S random draws. NaN marks a cell not scored (round robin); every mean skips them. Statistic:
+    mean over X of own - max(others, random) increase; holds when its lower bound > 0. Texts are resampled
+    jointly (they are parallel)."""
+    base, off, rnd = _t(base), _t(off), _t(rnd)
+    K, n = base.shape
+    if off.shape != (K, K, n) or rnd.dim() != 3 or rnd.shape[0] != K or rnd.shape[2] != n:
+        raise ValueError(f"shapes: base (K, n), off (K, K, n), rnd (K, S, n); got {tuple(base.shape)}, "
+                         f"{tuple(off.shape)}, {tuple(rnd.shape)}")
+    S = rnd.shape[1]
+    eye = torch.eye(K, dtype=torch.bool)
+
+    def parts(i):
+        d = off[:, :, i] - base[None, :, i]                    # (K, K, m)
+        own = d.diagonal().T.nanmean(-1)
+        others = d.masked_fill(eye[..., None], float("nan")).flatten(1).nanmean(-1)
+        r = (rnd[:, :, i] - base[:, None, i]).flatten(1).nanmean(-1)
+        return own, others, r
+
+    def stat(i):
+        own, others, r = parts(i)
+        return float((own - torch.maximum(others, r)).mean())
+    est, lo, hi = bootstrap(stat, n)
+    own, others, r = parts(torch.arange(n))
+    holds, note = _decide(est, lo, hi, 0.0, n, S)
+    per = {x: {"own": float(a), "others": float(b), "random": float(c)} for x, a, b, c in zip(langs, own, others, r)}
+    measured = (f"own {float(own.mean()):+.3f} vs others {float(others.mean()):+.3f} vs random "
+                f"{float(r.mean()):+.3f} nats/token; own - max(others, random) {est:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"random {what} matched per layer, {S} seeds", interval=f"bootstrap over {n} texts",
+                    details={"stat": est, "lo": lo, "hi": hi, "per_language": per, "langs": list(langs),
+                             "delta": (off - base[None]).nanmean(-1).tolist(), "seeds": S, "n": n})
+
+
+# ---------------------------------------------------------------------------------------------- steering
+def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_RATE, max_cost=MAX_COST,
+             setting="", departures="", what="output in the target language", extra=None, seeds=None) -> dict:
+    """A steering method on test prompts. ok (n,) bool: success per prompt at the strength chosen on dev;
+    ctrl (S, n) bool: the matched random control at the same strength; base_ok (n,) bool: unsteered;
+    flu, flu_base (n,): per-output mean NLL under the target-language prompt (NaN: empty). Holds when the
+    rate's Wilson lower bound >= min_rate (None: not required), the paired bootstrap lower bounds of
+    rate - control and rate - unsteered are > 0, and the fluency cost's upper bound is <= max_cost (None: not
+    required). seeds: the draws behind ctrl when it is one round-robin row (controls.round_robin)."""
+    ok, base_ok = _t(ok), _t(base_ok)
+    ctrl = _t(ctrl).reshape(-1, ok.numel())
+    n, S = ok.numel(), seeds or ctrl.shape[0]
+    k = int(ok.sum())
+    rlo, rhi = wilson(k, n)
+    cm = ctrl.mean(0)
+    gain = bootstrap(lambda i: float(torch.minimum((ok[i] - cm[i]).mean(), (ok[i] - base_ok[i]).mean())), n)
+    flu, flu_base = _t(flu), _t(flu_base)
+    both = ~(flu.isnan() | flu_base.isnan())
+    d = (flu - flu_base)[both]
+    cost = bootstrap(lambda i: float(d[i].mean()), len(d)) if len(d) else (math.nan, -math.inf, math.inf)
+    checks = [verdict(*gain, 0.0, n)]
+    if min_rate is not None:
+        checks.append(verdict(k / n, rlo, rhi, min_rate, n))
+    if max_cost is None:        # a row whose claim says nothing about fluency
+        c_ok, c_bad = True, False
+    else:
+        c_ok = cost[2] <= max_cost if len(d) else None
+        c_bad = cost[1] > max_cost if len(d) else False
+    if any(h is False for h, _ in checks) or c_bad:
+        holds, note = False, ""
+    elif all(h for h, _ in checks) and c_ok:
+        holds, note = _decide(1, 1, 1, 0, n, S)
+    else:
+        holds = None
+        note = "; ".join(x for h, x in checks if h is None and x) or (
+            f"fluency cost interval reaches {cost[2]:+.2f} > {max_cost:g} nats" if len(d) else "no output to score")
+    measured = (f"{k}/{n} = {k / n:.0%} [{rlo:.0%}, {rhi:.0%}] {what} at {setting} (random control "
+                f"{float(cm.mean()):.0%}, unsteered {float(base_ok.mean()):.0%}); gain over both {gain[0]:+.2f} "
+                f"[{gain[1]:+.2f}, {gain[2]:+.2f}]")
+    if max_cost is not None:
+        measured += f"; fluency cost {cost[0]:+.2f} [{cost[1]:+.2f}, {cost[2]:+.2f}] nats"
+    details = {"n": n, "k": k, "rate": k / n, "wilson": [rlo, rhi], "control_rate": float(cm.mean()),
+               "unsteered_rate": float(base_ok.mean()), "gain": list(gain), "fluency_cost": list(cost),
+               "setting": setting, "seeds": S, "min_rate": min_rate, "max_cost": max_cost, **(extra or {})}
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"matched random units/direction, {S} seeds" + _rr(ctrl, S),
+                    interval=f"Wilson (rate), paired bootstrap over {n} prompts (gain, fluency)", details=details)
+
+
+def choose_strength(points: dict, max_cost: float = MAX_COST):
+    """The strength picked on the dev split: {strength: (success rate, fluency cost)} -> the highest rate among
+    strengths with cost <= max_cost (ties: the smaller strength); None when no strength qualifies."""
+    ok = [(r, -abs(s), s) for s, (r, c) in points.items() if not (c > max_cost)]
+    return max(ok)[2] if ok else None
+
+
+# ---------------------------------------------------------------------------------------------- choices
+def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="", task="", seeds=None) -> dict:
+    """A forced-choice task (one right, one wrong answer per item) with and without the intervention.
+    base, steered (n,) bool correct (or a per-item score); ctrl (S, n) with the matched random intervention
+    (one round-robin row when `seeds` is given). Statistic: min(steered - unsteered, steered - control),
+    paired bootstrap over items; holds when lo > 0."""
+    base, steered = _t(base), _t(steered)
+    ctrl = _t(ctrl).reshape(-1, base.numel())
+    n, S = base.numel(), seeds or ctrl.shape[0]
+    cm = ctrl.mean(0)
+    est, lo, hi = bootstrap(lambda i: float(torch.minimum((steered[i] - base[i]).mean(),
+                                                          (steered[i] - cm[i]).mean())), n)
+    holds, note = _decide(est, lo, hi, 0.0, n, S)
+    measured = (f"accuracy {float(base.mean()):.0%} -> {float(steered.mean()):.0%} at {setting} (random "
+                f"{float(cm.mean()):.0%}); gain over both {est:+.3f} [{lo:+.3f}, {hi:+.3f}] on {n} items{task}")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"random direction of the same norm at the same place, {S} seeds" + _rr(ctrl, S),
+                    interval=f"paired bootstrap over {n} items",
+                    details={"base": float(base.mean()), "steered": float(steered.mean()),
+                             "control": float(cm.mean()), "gain": [est, lo, hi], "n": n, "seeds": S,
+                             "setting": setting})
+
+
+def loss_drop(claim, paper, base, after, ctrl, *, setting="", departures="", seeds=None) -> dict:
+    """A per-item loss (lower is better) without the intervention (base (n,)), with it (after (n,)) and with
+    the matched random intervention (ctrl (S, n)). Statistic: min(base - after, control - after), paired
+    bootstrap over items; holds when lo > 0."""
+    base, after = _t(base), _t(after)
+    ctrl = _t(ctrl).reshape(-1, base.numel())
+    n, S = base.numel(), seeds or ctrl.shape[0]
+    cm = ctrl.mean(0)
+    est, lo, hi = bootstrap(lambda i: float(torch.minimum((base[i] - after[i]).mean(), (cm[i] - after[i]).mean())), n)
+    holds, note = _decide(est, lo, hi, 0.0, n, S)
+    measured = (f"held-out loss {float(base.mean()):.4f} -> {float(after.mean()):.4f} at {setting} (random "
+                f"{float(cm.mean()):.4f}); drop below both {est:+.4f} [{lo:+.4f}, {hi:+.4f}] nats on {n} items")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"the same intervention on random units, {S} seeds",
+                    interval=f"paired bootstrap over {n} items",
+                    details={"base": float(base.mean()), "after": float(after.mean()), "control": float(cm.mean()),
+                             "drop": [est, lo, hi], "n": n, "seeds": S, "setting": setting})
+
+
+# ---------------------------------------------------------------------------------------------- curves
 def layer_bands(L: int):
-    """(bottom, middle, top) layer lists for L layers (see the module doc); middle is empty for L < 3."""
+    """(bottom, middle, top) layer lists: the first and last max(1, L // 4) layers and the rest."""
     if L < 1:
         raise ValueError(f"need at least one layer, got {L}")
     q = max(1, L // 4)
@@ -87,161 +192,96 @@ def layer_bands(L: int):
     return bottom, [l for l in range(L) if l not in bottom and l not in top], top
 
 
-def lape_layers(counts, min_ratio: float = EDGE_RATIO) -> dict:
-    """Do LAPE's neurons concentrate in the bottom AND the top layers? counts: (L,) neurons per layer, or
-    (K, L) per language (summed). Holds when the bottom quarter and the top quarter each hold >= `min_ratio`
-    times as many neurons per layer as the middle half; undecided (None) with fewer than 3 layers or no
-    neuron."""
-    c = torch.as_tensor(counts, dtype=torch.float64)
-    if c.dim() == 2:
-        c = c.sum(0)
-    if c.dim() != 1 or (c < 0).any():
-        raise ValueError(f"counts must be (L,) or (K, L) non-negative counts, got shape {tuple(c.shape)}")
+def middle_peak(claim, paper, curve, boot_peaks, *, departures="", what="") -> dict:
+    """A per-layer curve peaks in the middle layers. curve (L,): the estimate; boot_peaks: the peak layer of
+    the curve recomputed on bootstrap resamples of the texts. Holds when >= 95% of the resamples peak in the
+    middle band, does not hold when <= 5% do."""
+    c = _t(curve)
     L = c.numel()
-    bottom, mid, top = layer_bands(L)
-    total = float(c.sum())
-    details = {"per_layer": c.tolist(), "bottom_layers": bottom, "middle_layers": mid, "top_layers": top,
-               "total": total, "min_ratio": min_ratio}
-    claim = "LAPE: language neurons sit in the bottom and top layers"
-    paper = "language-specific neurons concentrate in the top and bottom layers (Tang et al. 2024)"
-    if not mid or total == 0:
-        why = "fewer than 3 layers" if not mid else "no neuron selected"
-        return make_row(claim, paper, f"undecided: {why}", None, details)
-    dens = {k: float(c[v].sum()) / len(v) for k, v in (("bottom", bottom), ("middle", mid), ("top", top))}
-    ratio = {k: (dens[k] / dens["middle"] if dens["middle"] > 0 else math.inf) for k in ("bottom", "top")}
-    share = {k: float(c[v].sum()) / total for k, v in (("bottom", bottom), ("middle", mid), ("top", top))}
-    details.update(per_layer_density=dens, share=share, uniform_share={"bottom": len(bottom) / L,
-                   "middle": len(mid) / L, "top": len(top) / L},
-                   ratio={k: (v if math.isfinite(v) else None) for k, v in ratio.items()}, peak_layer=int(c.argmax()))
-    measured = (f"of {int(total)} neurons: layers 0-{bottom[-1]} {share['bottom']:.0%}, {mid[0]}-{mid[-1]} "
-                f"{share['middle']:.0%}, {top[0]}-{top[-1]} {share['top']:.0%}; per layer bottom "
-                f"{ratio['bottom']:.1f}x, top {ratio['top']:.1f}x the middle")
-    return make_row(claim, paper, measured, ratio["bottom"] >= min_ratio and ratio["top"] >= min_ratio, details)
+    _, mid, _ = layer_bands(L)
+    peaks = [int(p) for p in boot_peaks]
+    share = sum(p in mid for p in peaks) / max(1, len(peaks))
+    if not mid or not peaks:
+        holds, note = None, "fewer than 3 layers" if not mid else "no bootstrap resample"
+    else:
+        holds = True if share >= 0.95 else False if share <= 0.05 else None
+        note = "" if holds is not None else f"the peak is in the middle in {share:.0%} of resamples; more texts"
+    peak = int(c.argmax())
+    measured = (f"peaks at layer {peak} of 0-{L - 1} (middle band {mid[0] if mid else '-'}-{mid[-1] if mid else '-'}) "
+                f"in {share:.0%} of {len(peaks)} bootstrap resamples{what}")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control="position of the peak against the middle band", interval="bootstrap over texts",
+                    details={"curve": c.tolist(), "peak": peak, "middle": mid, "share_middle": share})
 
 
-# ---------------------------------------------------------------------------------------------- LAHIS
-def lahis_masking(delta, random_delta, n_heads, langs=None) -> dict:
-    """LAHIS ablation. delta (K, K): loss increase on column language's texts with the row language's
-    language-specific heads gated to 0; random_delta (K,) or (K, S): increase on each language's own texts
-    with as many random heads gated to 0 (S seeds); n_heads (K,): heads masked per language (rows with 0
-    heads are left out). Holds when the mean own-language increase beats both the mean increase on the other
-    languages and the random baseline."""
-    m = _matrix(delta, "delta")
-    K = m.shape[0]
-    langs = _langs(langs, K)
-    r = torch.as_tensor(random_delta, dtype=torch.float64)
-    r = r.unsqueeze(1) if r.dim() == 1 else r
-    if r.dim() != 2 or r.shape[0] != K or not torch.isfinite(r).all():
-        raise ValueError(f"random_delta must be finite (K,) or (K, S) with K = {K}, got {tuple(r.shape)}")
-    n = [int(x) for x in n_heads]
-    if len(n) != K or min(n) < 0:
-        raise ValueError(f"n_heads must be {K} non-negative counts, got {n_heads}")
-    rows = [i for i in range(K) if n[i] > 0]
-    claim = "LAHIS: language-specific heads matter for their language"
-    paper = ("masking language X's top language-specific heads raises X's loss more than the other "
-             "languages' and more than masking random heads (Liu et al. 2025)")
-    details = {"langs": langs, "n_heads": dict(zip(langs, n)), "delta": m.tolist(), "random": r.tolist(),
-               "seeds": r.shape[1]}
-    if not rows:
-        return make_row(claim, paper, "undecided: no language has a language-specific head", None, details)
-    dm, om, d, off = diag_offdiag(m, rows)
-    rnd = r.mean(1)
-    rm = float(rnd[rows].mean())
-    beats_others = sum(float(d[i]) > float(off[i]) for i in rows)
-    beats_random = sum(float(d[i]) > float(rnd[i]) for i in rows)
-    details.update(diag_mean=dm, offdiag_mean=om, random_mean=rm, languages=len(rows),
-                   beats_others=beats_others, beats_random=beats_random,
-                   per_language={langs[i]: {"own": float(d[i]), "others": float(off[i]), "random": float(rnd[i])}
-                                 for i in rows})
-    measured = (f"own {dm:+.3f} vs others {om:+.3f} vs random {rm:+.3f} nats ({sum(n[i] for i in rows)} heads "
-                f"over {len(rows)} languages; own > others {beats_others}/{len(rows)}, > random "
-                f"{beats_random}/{len(rows)})")
-    return make_row(claim, paper, measured, dm > om and dm > rm, details)
+def correlation(claim, paper, x: dict, y: dict, *, departures="", what="") -> dict:
+    """Pearson r across languages of a per-language score x and a downstream score y; holds when the Fisher
+    95% interval's lower bound > 0; undecided with < 4 languages."""
+    langs = [k for k in x if k in y]
+    r = pearson([x[k] for k in langs], [y[k] for k in langs]) if len(langs) >= 2 else 0.0
+    lo, hi = fisher_ci(r, len(langs))
+    holds, note = verdict(r, lo, hi, 0.0, len(langs))
+    if holds is None:
+        note = note.replace("items", "languages")
+    measured = f"r = {r:+.2f} [{lo:+.2f}, {hi:+.2f}] over {len(langs)} languages{what}"
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control="r = 0 (no relation)", interval=f"Fisher z over {len(langs)} languages",
+                    details={"r": r, "ci": [lo, hi], "x": {k: x[k] for k in langs}, "y": {k: y[k] for k in langs}})
 
 
-def soft_mask(loss_before: float, loss_after: float, k: int, n_train: int, n_heldout: int, lang: str,
-              random_after: float | None = None) -> dict:
-    """Soft head mask: held-out answer loss with the trained gates vs the unmodified model (and, when given,
-    vs gates trained on k random heads). Holds when the trained gates lower the held-out loss."""
-    for name, v in (("loss_before", loss_before), ("loss_after", loss_after)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    gain = loss_before - loss_after
-    measured = (f"held-out answer loss {loss_before:.4f} -> {loss_after:.4f} ({-gain:+.4f}) with {k} trained "
-                f"gate(s), {lang}, {n_train} train / {n_heldout} held-out pairs")
-    details = {"lang": lang, "k": k, "n_train": n_train, "n_heldout": n_heldout, "loss_before": loss_before,
-               "loss_after": loss_after, "gain": gain}
-    if random_after is not None:
-        details["random_after"] = random_after
-        measured += f"; random heads: {random_after:.4f}"
-    return make_row("Soft head mask: a few trained head gates help",
-                    "training the gates of the top 2% LAHIS heads (~20 parameters) improves held-out QA "
-                    "(Liu et al. 2025)", measured, loss_after < loss_before, details)
+def above_shuffled(claim, paper, per_item, per_item_shuffled, *, departures="", what="") -> dict:
+    """A pairing-dependent score (per item, averaged over layers) against the same score on shuffled pairs.
+    per_item (n,), per_item_shuffled (S, n). Holds when the paired bootstrap lower bound of the mean
+    difference is > 0."""
+    a = _t(per_item)
+    b = _t(per_item_shuffled).reshape(-1, a.numel())
+    n, S = a.numel(), b.shape[0]
+    bm = b.mean(0)
+    est, lo, hi = bootstrap(lambda i: float((a[i] - bm[i]).mean()), n)
+    holds, note = _decide(est, lo, hi, 0.0, n, S)
+    measured = (f"{float(a.mean()):.3f} vs shuffled pairs {float(bm.mean()):.3f}; difference {est:+.3f} "
+                f"[{lo:+.3f}, {hi:+.3f}]{what}")
+    return make_row(claim, paper, measured, holds, note, departures=departures,
+                    control=f"shuffled pairs, {S} permutations", interval=f"paired bootstrap over {n} items",
+                    details={"score": float(a.mean()), "shuffled": float(bm.mean()), "diff": [est, lo, hi],
+                             "n": n, "seeds": S})
 
 
 # ---------------------------------------------------------------------------------------------- neurons
-def ternary_classes(appear, specific: int, related: int, general: int, lam: float, K: int) -> dict:
-    """Zhang et al.'s three neuron classes: holds when language-specific (assigned to 1 language),
-    language-related (2..K-1 languages) and general (above the bar in all K languages) neurons each exist."""
-    appear = [int(a) for a in appear]
-    if len(appear) != K + 1:
-        raise ValueError(f"appear must have K + 1 = {K + 1} entries (c = 0..K), got {len(appear)}")
-    counts = {"specific": int(specific), "related": int(related), "general": int(general)}
-    if min(counts.values()) < 0:
-        raise ValueError(f"class counts must be >= 0, got {counts}")
-    missing = [c for c, v in counts.items() if v == 0]
-    measured = (f"specific {specific}, related {related}, general {general}; lambda {lam:.4f}; appear[1..{K}] = "
-                f"{appear[1:]}" + (f"; missing: {', '.join(missing)}" if missing else ""))
-    return make_row("Neurons: specific, related and general classes",
-                    "language-specific, language-related and language-agnostic (general) neurons each exist "
-                    "(Zhang et al. 2025)", measured, not missing,
-                    {**counts, "lambda": lam, "appear": appear, "K": K})
+def classes(claim, paper, per_layer: dict, half_a: dict, half_b: dict, total: int, *, departures="") -> dict:
+    """Zhang et al.'s neuron classes: their per-layer distribution, and whether each class is a stable
+    finding. per_layer {class: (L,) counts}; half_a / half_b {class: set of (layer, neuron)} selected on two
+    disjoint halves of the fit texts; total = number of neurons. For each class the share of half A's neurons
+    also in half B gets a Wilson interval; chance is |B| / total. Holds when every class's lower bound clears
+    chance; does not hold when one class is empty in all the fit texts or its upper bound is below chance;
+    a class found in all the fit texts but not in half A is undecided (more text would decide it)."""
+    rows, holds, notes = {}, True, []
+    for c, a in half_a.items():
+        b = half_b.get(c, set())
+        k, n = len(a & b), len(a)
+        lo, hi = wilson(k, n)
+        chance = len(b) / total if total else 0.0
+        rows[c] = {"overlap": k / n if n else 0.0, "wilson": [lo, hi], "chance": chance, "n": n,
+                   "jaccard": k / len(a | b) if a | b else 0.0}
+        h, note = verdict(k / n if n else 0.0, lo, hi, chance, n)
+        found = float(_t(per_layer.get(c, [0])).sum())
+        if n == 0 and found > 0:
+            h, note = None, f"none in half A of the fit texts ({int(found)} in all of them): needs more fit text"
+        if (n == 0 and not found) or h is False:
+            holds = False
+        elif h is None and holds is not False:
+            holds = None
+            notes.append(f"{c}: {note}")
+    dist = {c: _t(v).tolist() for c, v in per_layer.items()}
+    peak = {c: int(_t(v).argmax()) if float(_t(v).sum()) else None for c, v in per_layer.items()}
+    measured = "; ".join(f"{c} {int(sum(dist.get(c, [])))} (peak layer {peak.get(c)}; split-half overlap "
+                         f"{r['overlap']:.0%} [{r['wilson'][0]:.0%}, {r['wilson'][1]:.0%}] vs chance {r['chance']:.1%})"
+                         for c, r in rows.items())
+    return make_row(claim, paper, measured, holds, "; ".join(notes), departures=departures,
+                    control="chance overlap of random neuron sets of the same sizes",
+                    interval="Wilson over half A's neurons",
+                    details={"per_layer": dist, "split_half": rows, "total": total})
 
 
-# ---------------------------------------------------------------------------------------------- MEXA
-def mexa_peak(curves: dict) -> dict:
-    """MEXA alignment with English per hidden state (index 0 = embeddings, L = last layer), averaged over
-    languages. Holds when the mean curve peaks in the middle layers (not in the first or last quarter) and
-    above the embeddings."""
-    if not curves:
-        raise ValueError("curves must hold at least one language")
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in curves.values()])
-    if t.dim() != 2 or t.shape[1] < 2:
-        raise ValueError(f"curves must be per-layer lists of the same length >= 2, got shape {tuple(t.shape)}")
-    mean = t.mean(0)
-    L = mean.numel() - 1
-    peak = int(mean.argmax())
-    _, mid, _ = layer_bands(L + 1)
-    per = {lang: {"peak_layer": int(row.argmax()), "peak": float(row.max())} for lang, row in zip(curves, t)}
-    details = {"mean": mean.tolist(), "peak_layer": peak, "peak": float(mean[peak]),
-               "embeddings": float(mean[0]), "last": float(mean[-1]), "middle_layers": mid,
-               "per_language": per}
-    measured = (f"mean over {len(curves)} languages peaks at layer {peak} of {L} ({float(mean[peak]):.2f}; "
-                f"embeddings {float(mean[0]):.2f}, last {float(mean[-1]):.2f})")
-    holds = None if not mid else (peak in mid and float(mean[peak]) > float(mean[0]))
-    return make_row("MEXA: alignment with English peaks in the middle layers",
-                    "per-layer alignment with English (MEXA, Kargaran et al. 2025); mid-layer peak as reported "
-                    "for Llama-family models", measured, holds, details)
-
-
-# ---------------------------------------------------------------------------------------------- steering
-def best_setting(points: list) -> dict:
-    """The point with the highest target rate; ties go to the lower fluency NLL."""
-    return max(points, key=lambda p: (p["target_rate"], -p.get("nll", 0.0)))
-
-
-def steering(method: str, points: list, baseline: dict, min_rate: float = STEER_RATE) -> dict:
-    """One steering method at its best setting. points: [{"setting", "target_rate", "source_rate", "nll"}]
-    from the eval sweep; baseline: the unsteered model's {"target_rate", "nll"}. Holds when the best
-    setting puts >= min_rate of the generations in the target language (and more than unsteered)."""
-    if not points:
-        raise ValueError(f"no sweep points for {method!r}")
-    b = best_setting(points)
-    cost = b["nll"] - baseline["nll"]
-    holds = b["target_rate"] >= min_rate and b["target_rate"] > baseline["target_rate"]
-    measured = (f"{b['target_rate']:.0%} in the target language at {b['setting']} (unsteered "
-                f"{baseline['target_rate']:.0%}); fluency NLL {b['nll']:.2f} ({cost:+.2f})")
-    return make_row(f"Steering: {method}", "steering switches the output language to the target "
-                    "(method's paper)", measured, holds,
-                    {"method": method, "best": b, "baseline": baseline, "fluency_cost": cost, "min_rate": min_rate,
-                     "points": points})
+def not_measured(claim, paper, why, departures="") -> dict:
+    return make_row(claim, paper, f"not measured: {why}", None, why, departures=departures)

@@ -1,13 +1,13 @@
-"""`xlkernels reproduce`: measure the seeds' central claims on one model and write a report.
+"""`xlkernels reproduce`: each paper's claim measured on one model, one row per claim (claims.py).
 
-`run(model, tokenizer, ...)` measures every claim on a corpus split into a fit part (statistics, scores,
-training: the first texts of each language) and a held-out part (losses: the last texts), turns each
-measurement into a row with xlkernels.analysis.claims, and (with `out`) writes report.md, reproduce.json and
-PNG plots (reproduce_report.py; `print_summary(rows)` prints the table). Levels: "quick" (the `make demo`
-summary), "default", "full" (more languages, texts, seeds and the eval sweep).
+`run(model, tokenizer, ...)` splits a parallel corpus (default: GNOME Help, corpus.py) into seeded,
+length-matched fit / dev / test parts: statistics, scores and fits on fit, strengths on dev, every reported
+number on test. With `out` it writes report.md, reproduce.json and plots (report.py).
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 import time
@@ -15,286 +15,336 @@ import traceback
 
 import torch
 
-from . import claims
+from . import claims, tasks
+from .controls import random_heads, random_neurons
 from .report import format_table, print_summary, write_report  # noqa: F401 (this module's API)
 
 LEVELS = {
-    # langs, texts for statistics/scores/training, held-out texts, LAHIS texts, random-head seeds, soft-mask
-    # train pairs, MEXA sentences, tokens per text
-    "quick": dict(langs=("en", "de", "fr", "es"), n_fit=48, n_eval=16, n_lahis=12, seeds=3, n_train=24,
-                  n_mexa=48, max_length=48, mask_batch=4, steer_prompts=8, steer_new_tokens=16,
-                  strengths="quick"),
-    "default": dict(langs=("en", "de", "fr", "es", "zh_Hans"), n_fit=96, n_eval=32, n_lahis=24, seeds=5,
-                    n_train=48, n_mexa=100, max_length=48, mask_batch=1, steer_prompts=16, steer_new_tokens=24,
-                    strengths=None),
-    # `make demo`'s step 4 (the demo's own corpus; steering is left to the demo's step 3 and `xlkernels eval`)
-    "demo": dict(langs=("en", "de", "fr"), n_fit=32, n_eval=8, n_lahis=8, seeds=2, n_train=12, n_mexa=32,
-                 max_length=32, mask_batch=4, steer_prompts=4, steer_new_tokens=8, strengths="quick"),
-    "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja", "ar"), n_fit=160, n_eval=64, n_lahis=64,
-                 seeds=10, n_train=100, n_mexa=100, max_length=64, mask_batch=1, steer_prompts=32,
-                 steer_new_tokens=32, strengths=None),
+    # demo: `make demo` step 4 on the Django corpus (no generation rows); default: the recorded run
+    "demo": dict(langs=("en", "de", "fr"), seeds=10, n_nll=10, n_lahis=4, lahis_heads=2, max_length=48,
+                 new_tokens=12, n_prompts=16, n_offtarget=0, n_choice=12, steps=("neurons", "heads", "alignment")),
+    "quick": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=24, n_lahis=12,
+                  lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=10, n_choice=24,
+                  choice_langs=("de",), n_experts=24, mask_train=8, mask_seeds=3, steps=None),
+    # default is sized to finish in 1-2 hours of CPU on 2 cores (README): 48 test paragraphs per language
+    "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=48, n_lahis=16,
+                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=48, n_offtarget=16, n_choice=48,
+                    choice_langs=("de", "ja"), n_experts=48, mask_train=16, mask_seeds=10, steps=None),
+    "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=20, n_nll=111, n_lahis=48,
+                 lahis_heads=3, max_length=128, new_tokens=24, n_prompts=111, n_offtarget=32, n_choice=111,
+                 choice_langs=("de", "fr", "es", "ru", "zh_Hans", "ja"), n_experts=96, mask_train=48,
+                 mask_seeds=20, steps=None),
 }
-# strengths None: evaluate.DEFAULT_STRENGTHS (the eval sweep); "quick": QUICK_STRENGTHS
-HEAD_FRAC = 0.02   # LAHIS masks / trains int(L*H*0.02) heads (methods.md 1.4), at least 1
-NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "ru": "Russian", "zh_Hans": "Chinese",
-         "ja": "Japanese", "ar": "Arabic", "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}
+COMMON = dict(forcing=(0.5, 1.0, 2.0), itlc=(2.0, 8.0, 32.0), itlc_epochs=100, claim_alpha=(2.0, 8.0, 32.0),
+              incline_sigma=(0.3, 1.0), fractions=(0.5, 0.15, 0.35), target="de", n_choice=64,
+              choice_langs=("de",), n_offtarget=16, n_experts=48, expert_frac=0.01, mask_train=16, mask_batch=4,
+              mask_epochs=2, mask_lr=0.1, mask_seeds=10,
+              itlc_sample=dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.5))
+STEPS = ("neurons", "heads", "soft_mask", "steering", "choice", "alignment", "experts")
+# every row of the report, in order: key -> (step, claim, paper); a row that a run does not measure still
+# appears, undecided, saying what it needs
+ROWS = {
+    "lape_ablation": ("neurons", "LAPE: a language's neurons matter for that language", "Tang et al. 2024"),
+    "neuron_classes": ("neurons", "Neurons: language-specific, -related and general classes are stable, per layer",
+                       "Zhang et al. 2025"),
+    "lahis_ablation": ("heads", "LAHIS: a language's specific heads matter for that language", "Liu et al. 2025"),
+    "lahis_offtarget": ("heads", "LAHIS: masking a language's heads sends its prompts off-target", "Liu et al. 2025"),
+    "soft_mask": ("soft_mask", "Soft head mask: a few trained head gates help held-out QA", "Liu et al. 2025"),
+    "lape_forcing": ("steering", "LAPE: forcing language neurons steers en -> {tgt}", "Tang et al. 2024"),
+    "lape_deactivation": ("steering", "LAPE: switching English neurons off moves English prompts out of English",
+                          "Tang et al. 2024"),
+    "itlc": ("steering", "ITLC: a latent language vector steers en -> {tgt}, keeping the meaning", "Lopo et al. 2025"),
+    "claim_divergence": ("choice", "CLAIM: language divergence of head outputs peaks in the middle layers",
+                         "Ye, Li et al. 2025"),
+    "claim_shift": ("choice", "CLAIM: shifting heads toward English helps a x -> en choice task", "Ye, Li et al. 2025"),
+    "incline": ("choice", "INCLINE: mapping representations toward English helps x -> en retrieval",
+                "Wang et al. 2025"),
+    "mexa": ("alignment", "MEXA: alignment with English predicts the per-language task score", "Kargaran et al. 2025"),
+    "anc": ("alignment", "ANC: neurons correlate across parallel sentences beyond chance, rising in the early layers",
+            "Del & Fishel 2022"),
+    "experts": ("experts", "Finding experts: forcing English expert neurons aligns other languages with English",
+                "Sundar et al. 2025"),
+}
 
 
-def split(corpus: dict, n_fit: int, n_eval: int):
-    """(fit, held-out): the first n_fit and the last n_eval texts of each language (disjoint; both shrink when a
-    language has fewer than n_fit + n_eval texts, the held-out part to at most half)."""
-    fit, ev = {}, {}
-    for lang, texts in corpus.items():
-        if len(texts) < 2:
-            raise ValueError(f"corpus[{lang!r}] needs at least 2 texts, has {len(texts)}")
-        e = min(n_eval, len(texts) // 2)
-        fit[lang], ev[lang] = texts[:min(n_fit, len(texts) - e)], texts[len(texts) - e:]
-    return fit, ev
+def _nll(steerer, tok, test, cells):
+    """(len(cells),) mean NLL per token of test[x][i] for each cell (x, i), scored after test[x][i - 1]."""
+    return tasks.prefixed_nll(steerer.model, tok, [test[x][i] for x, i in cells], [test[x][i - 1] for x, i in cells])
 
 
-def is_parallel(corpus: dict, pivot: str = "en") -> bool:
-    return pivot in corpus and len({len(t) for t in corpus.values()}) == 1
-
-
-def qa_pairs(corpus: dict, lang: str, pivot: str = "en"):
-    """(prompt, answer) pairs from a parallel corpus: translate the pivot sentence into `lang`; the loss is on
-    the answer (the `lang` sentence) only."""
-    name = NAMES.get(lang, lang)
-    return [(f"{NAMES.get(pivot, pivot)}: {src}\n{name}:", " " + tgt) for src, tgt in zip(corpus[pivot], corpus[lang])]
-
-
-@torch.no_grad()
-def answer_loss(steerer, tok, pairs, gate, batch_size=8, max_length=128) -> float:
-    """Mean NLL over all answer tokens of `pairs` with steerer.gate = gate (None: no mask)."""
-    from ..heads.soft_mask import pairs_loss
-    return pairs_loss(steerer, tok, pairs, gate, batch_size, max_length)
-
-
-def _ones(steerer):
-    return torch.ones(steerer.num_layers, steerer.num_heads, device=steerer.device)
-
-
-def _gate(L, H, heads, value=0.0):
-    g = torch.ones(L * H)
-    g[list(heads)] = value
-    return g.view(L, H)
-
-
-def _nll(steerer, tok, corpus, cfg, gate=None):
-    from ..neurons.deactivation import language_nll
-    old = steerer.gate
-    steerer.gate = _ones(steerer) if gate is None else gate
+def _ablate(steerer, tok, test, apply_own, apply_rand, seeds):
+    """base (K, n), off (K, K, n), rnd (K, S, n) per-text NLL; apply_own(k) / apply_rand(k, seed) set the
+    intervention for language k on the steerer. Round robin keeps it at 4 K n scored texts in K (S + 1) + 1
+    passes: with language k's units off, text i of the other languages is scored in one of them (i mod K-1),
+    and the random draw on text i is seed i mod S; the cells not scored are NaN."""
+    langs = list(test)
+    K, n = len(langs), len(test[langs[0]])
+    steerer.reset()
+    cells = [(x, i) for x in langs for i in range(n)]
+    base = _nll(steerer, tok, test, cells).view(K, n)
+    off = torch.full((K, K, n), float("nan"), dtype=torch.float64)
+    rnd = torch.full((K, seeds, n), float("nan"), dtype=torch.float64)
     try:
-        return language_nll(steerer.model, tok, corpus, batch_size=16, max_length=cfg["max_length"])
+        for k in range(K):
+            others = [j for j in range(K) if j != k]
+            idx = [(k, i) for i in range(n)] + [(others[i % (K - 1)], i) for i in range(n) if K > 1]
+            steerer.reset()
+            apply_own(k)
+            vals = _nll(steerer, tok, test, [(langs[j], i) for j, i in idx])
+            for (j, i), v in zip(idx, vals.tolist()):
+                off[k, j, i] = v
+            for s in range(seeds):
+                ids = list(range(s, n, seeds))
+                if ids:
+                    steerer.reset()
+                    apply_rand(k, s)
+                    rnd[k, s, ids] = _nll(steerer, tok, test, [(langs[k], i) for i in ids])
     finally:
-        steerer.gate = old
+        steerer.reset()
+    return base, off, rnd
 
 
-# ---------------------------------------------------------------------------------------------- measurements
-def measure_neurons(steerer, tok, fit, ev, cfg, state):
-    """LAPE statistics + selection on the fit texts, the deactivation matrix on the held-out texts, Zhang et
-    al.'s classes on the same statistics. Rows: deactivation, layers, classes."""
+def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
+    """LAPE on the fit texts (BOS not counted); specificity by deactivation vs matched random neurons; the
+    classes per layer with split-half stability."""
     from .. import neurons as N
-    from ..neurons.deactivation import deactivation_matrix
-    stats = N.collect_stats(steerer, tok, fit, batch_size=16, max_length=cfg["max_length"], progress=False)
-    p = N.activation_probs(stats)
-    lape = N.lape(p)
-    cls = N.classify(p)
-    res = deactivation_matrix(steerer, tok, ev, lape.neurons, batch_size=16, max_length=cfg["max_length"],
-                              progress=False)
     langs = list(fit)
-    counts = lape.counts()
-    state["lape_counts"] = {x: c for x, c in zip(langs, counts.tolist())}
-    cc = cls.counts()
-    row = claims.lape_deactivation(res["delta"], langs)
-    row["details"].update(base_nll=res["base"].tolist(), n_neurons=dict(zip(langs, counts.sum(1).tolist())))
-    return [row, claims.lape_layers(counts),
-            claims.ternary_classes(cls.appear, int(cc["specific"].sum()), int(cc["related"].sum()),
-                                   int(cc["general"].sum()), cls.lam, len(langs))]
+    h = len(fit["en"]) // 2
+    halves = [{x: t[:h] for x, t in fit.items()}, {x: t[h:] for x, t in fit.items()}]
+    st = [N.collect_stats(steerer, tok, c, batch_size=16, max_length=cfg["max_length"], progress=False,
+                          drop_bos=True) for c in halves]
+    full = st[0].clone().merge(st[1])
+    p = N.activation_probs(full)
+    lape = N.lape(p)
+    state.update(stats=full, lape=lape)
+    L, I = steerer.num_layers, steerer.num_neurons
+    sets = [{l: lape.neurons[k][l].long() for l in range(L) if len(lape.neurons[k][l])} for k in range(len(langs))]
+    chosen = {l: torch.cat([s[l] for s in sets if l in s]) for l in range(L) if any(l in s for s in sets)}
+    test_n = {x: t[:cfg["n_nll"]] for x, t in test.items()}
+    base, off, rnd = _ablate(steerer, tok, test_n, lambda k: sets[k] and steerer.deactivate_neurons(sets[k]),
+                             lambda k, s: sets[k] and steerer.deactivate_neurons(
+                                 random_neurons(sets[k], I, s, exclude=chosen)), cfg["seeds"])
+    row = claims.ablation("LAPE: a language's neurons matter for that language",
+                          "deactivating language X's neurons raises X's perplexity far more than the others' (Tang "
+                          "et al. 2024)", base, off, rnd, langs,
+                          departures="GNOME Help fit paragraphs (not Wikipedia), BOS not counted; each test "
+                          "paragraph's NLL scored after the preceding one as context", what="neurons")
+    row["details"]["n_neurons"] = {x: int(lape.counts()[k].sum()) for k, x in enumerate(langs)}
+    state["lape_counts"] = {x: c for x, c in zip(langs, lape.counts().tolist())}
+    cls = [N.classify(N.activation_probs(s)) for s in st]
+    cls_full = N.classify(p)
+    cc = cls_full.counts()
+    per_layer = {c: cc[c].sum(0) if cc[c].dim() == 2 else cc[c] for c in ("specific", "related", "general")}
+    members = lambda c: {name: _class_members(c, name) for name in ("specific", "related", "general")}  # noqa: E731
+    rows = {"lape_ablation": row, "neuron_classes": claims.classes(ROWS["neuron_classes"][1],
+                                "language-specific, language-related and language-agnostic neurons; their layer "
+                                "distribution (Zhang et al. 2025)", per_layer, members(cls[0]), members(cls[1]), L * I,
+                                departures="classes from each half of the fit texts; lambda chosen as in the "
+                                "release (auto)")}
+    return rows
 
 
-def measure_heads(steerer, tok, fit, ev, cfg, state, seed=0):
-    """LAHIS scores on the fit texts; mask each language's first int(L*H*0.02) language-specific heads and
-    as many random heads (not in its top list; `seeds` draws) and measure the held-out losses."""
+def _class_members(c, name):
+    """{(layer, neuron)} of one class of a NeuronClasses result."""
+    sets = getattr(c, name)
+    per_l = [sets] if name == "general" else sets
+    return {(l, int(i)) for lang in per_l for l, idx in enumerate(lang) for i in idx.tolist()}
+
+
+def measure_heads(steerer, tok, fit, dev, test, cfg, state):
+    """LAHIS scores on the fit texts; mask each language's specific heads vs random heads in the same layers."""
     from .. import heads as hd
     L, H = steerer.num_layers, steerer.num_heads
     langs = list(fit)
-    scores = {x: hd.lahis_scores(steerer, tok, fit[x][:cfg["n_lahis"]], batch_size=cfg["n_lahis"],
-                                 max_length=32) for x in langs}
+    scores = {x: hd.lahis_scores(steerer, tok, fit[x][:cfg["n_lahis"]], batch_size=8, max_length=cfg["max_length"])
+              for x in langs}
     state["scores"] = scores
-    sets = hd.head_sets(scores)
-    n = max(1, int(L * H * HEAD_FRAC))
-    base = _nll(steerer, tok, ev, cfg)
-    K = len(langs)
-    delta = torch.zeros(K, K, dtype=torch.float64)
-    rnd = torch.zeros(K, cfg["seeds"], dtype=torch.float64)
-    chosen = {}
-    rng = random.Random(seed)
-    for i, x in enumerate(langs):
-        ids = sets["specific"][x][:n]
-        chosen[x] = ids
-        if not ids:
-            continue
-        delta[i] = _nll(steerer, tok, ev, cfg, _gate(L, H, ids)) - base
-        pool = [h for h in range(L * H) if h not in set(sets["top"][x])]
-        for s in range(cfg["seeds"]):
-            pick = rng.sample(pool, min(len(ids), len(pool)))
-            rnd[i, s] = _nll(steerer, tok, {x: ev[x]}, cfg, _gate(L, H, pick))[0] - base[i]
-    row = claims.lahis_masking(delta, rnd, [len(chosen[x]) for x in langs], langs)
-    row["details"].update(heads={x: [f"{h // H}.{h % H}" for h in ids] for x, ids in chosen.items()},
-                          general=[f"{h // H}.{h % H}" for h in sets["general"]], base_nll=base.tolist(), seed=seed)
-    return [row]
+    rep = max(2, round(0.8 * len(langs)))
+    sets = hd.head_sets(scores, min_rep=rep)
+    n = cfg["lahis_heads"]
+    chosen = {x: (sets["specific"][x] + [h for h in hd.top_k_heads(scores[x], L * H)
+                                         if h not in sets["specific"][x] and h not in sets["general"]])[:n]
+              for x in langs}
+    excl = {x: set(sets["top"][x]) | set(chosen[x]) for x in langs}
+
+    def gate(ids):
+        g = torch.ones(L * H, device=steerer.gate.device)
+        g[list(ids)] = 0.0
+        return g.view(L, H)
+
+    def own(k):
+        steerer.gate = gate(chosen[langs[k]])
+
+    def rand(k, s):
+        steerer.gate = gate(random_heads(chosen[langs[k]], L, H, s, exclude=excl[langs[k]]))
+    test_n = {x: t[:cfg["n_nll"]] for x, t in test.items()}
+    base, off, rnd = _ablate(steerer, tok, test_n, own, rand, cfg["seeds"])
+    row = claims.ablation("LAHIS: a language's specific heads matter for that language",
+                          "masking language X's language-specific heads raises X's loss more than the others' and "
+                          "more than random heads (Liu et al. 2025)", base, off, rnd, langs,
+                          departures=f"{n} heads per language (the paper's 2% of 72 heads is 1); general = in >= "
+                          f"{rep} of {len(langs)} top lists; scores on {cfg['n_lahis']} fit paragraphs",
+                          what="heads (same layers)")
+    row["details"]["heads"] = {x: [f"{h // H}.{h % H}" for h in ids] for x, ids in chosen.items()}
+    rows = {"lahis_ablation": row}
+    if cfg["n_offtarget"] > 0:
+        from .masks import offtarget_row
+        rows["lahis_offtarget"] = offtarget_row(steerer, tok, test, chosen, excl, cfg)
+    else:
+        rows["lahis_offtarget"] = _missing("lahis_offtarget", cfg, f"not run at level {cfg['level']}: needs "
+                                           "generations on >= 8 prompts per language (level quick or default)")
+    return rows
 
 
-def measure_soft_mask(steerer, tok, fit, ev, cfg, state, lang=None, seed=0):
-    """Train the gates of `lang`'s top int(L*H*0.02) LAHIS heads on translation pairs from the fit texts
-    (2 epochs, AdamW lr 1e-2) and compare the held-out answer loss (and, at level full, random heads)."""
-    from ..heads.soft_mask import default_k, train_soft_mask
-    why = ("needs a parallel corpus with en" if not is_parallel(fit) or not is_parallel(ev) else
-           "needs the LAHIS scores of the heads step" if "scores" not in state else None)
-    if why:
-        return [claims.make_row("Soft head mask: a few trained head gates help", "", f"undecided: {why}", None, {})]
-    lang = lang or next(x for x in fit if x != "en")
-    L, H = steerer.num_layers, steerer.num_heads
-    k = default_k(L, H, HEAD_FRAC)
-    train = qa_pairs(fit, lang)[:cfg["n_train"]]
-    held = qa_pairs(ev, lang)
-    mask = train_soft_mask(steerer, tok, train, scores=state["scores"][lang], k=k, epochs=2,
-                           batch_size=cfg["mask_batch"], max_length=128)
-    before = answer_loss(steerer, tok, held, None)
-    after = answer_loss(steerer, tok, held, mask.gate)
-    rnd = None
-    if cfg.get("random_mask"):
-        pick = random.Random(seed).sample(range(L * H), k)
-        rmask = train_soft_mask(steerer, tok, train, heads=pick, epochs=2, batch_size=cfg["mask_batch"],
-                                max_length=128)
-        rnd = answer_loss(steerer, tok, held, rmask.gate)
-    row = claims.soft_mask(before, after, k, len(train), len(held), lang, rnd)
-    row["details"].update(heads=[f"{h // H}.{h % H}" for h in mask.heads], values=mask.values.tolist(),
-                          train_losses=mask.losses)
-    return [row]
+def measure_steering(steerer, tok, fit, dev, test, cfg, state):
+    from . import steer
+    from ..steering.itlc import ITLC
+    tgt = cfg["target"]
+    langs = list(fit)
+    nd = min(len(dev["en"]), max(16, cfg["n_prompts"] // 2))
+    mk = lambda split, n, **kw: steer.Cells(steerer, tok, "en", tgt, steer.prompts_of(split["en"][:n]),   # noqa: E731
+                                            steer.prompts_of(split[tgt][:n]), langs, cfg, **kw)
+    dv, ts = mk(dev, nd), mk(test, cfg["n_prompts"])
+    if "lape" not in state:
+        measure_neurons(steerer, tok, fit, dev, test, cfg, state)
+    rows = steer.lape_rows(steerer, tok, state["stats"], state["lape"], langs, dv, ts, cfg, tgt)
+    itlc = ITLC.fit(steerer.model, tok, fit, layer=steerer.num_layers // 2, batch_size=16,
+                    max_length=cfg["max_length"], epochs=cfg["itlc_epochs"])
+    sample = cfg.get("itlc_sample")
+    dv_s, ts_s = (mk(dev, nd, sample=sample), mk(test, cfg["n_prompts"], sample=sample)) if sample else (dv, ts)
+    rows["itlc"] = steer.itlc_row(steerer, tok, itlc, dv_s, ts_s, cfg, tgt, refs=test[tgt][:cfg["n_prompts"]])
+    state["generations"] = ts.base()["texts"][:8]
+    return rows
 
 
-def measure_mexa(steerer, tok, corpus, cfg, state):
-    from ..align import mexa
-    if not is_parallel(corpus):
-        return [claims.make_row("MEXA: alignment with English peaks in the middle layers", "",
-                                "undecided: needs a parallel corpus with en", None, {})]
-    sub = {x: t[:cfg["n_mexa"]] for x, t in corpus.items()}
-    res = mexa(steerer.model, tok, sub, pivot="en", poolings=("weighted",), anc=False, batch_size=16,
-               max_length=cfg["max_length"])
-    state["mexa"] = res["mexa"]["weighted"]
-    row = claims.mexa_peak(res["mexa"]["weighted"])
-    row["details"]["n"] = res["n"]
-    return [row]
+def measure_choice(steerer, tok, fit, dev, test, cfg, state):
+    from . import choice
+    langs = [x for x in cfg["choice_langs"] if x in fit and x != "en"] or [cfg["target"]]
+    rows = choice.claim_rows(steerer, tok, fit, dev, test, cfg, langs)
+    rows["incline"] = choice.incline_row(steerer, tok, fit, dev, test, cfg, langs)
+    return rows
 
 
-STEPS = ("neurons", "heads", "soft_mask", "mexa", "steering")
+def measure_alignment(steerer, tok, fit, dev, test, cfg, state):
+    from . import choice
+    sub = {x: t[:cfg["n_choice"]] for x, t in test.items()}
+    acc = {x: float(choice.accuracy(steerer, tok, sub, x).float().mean()) for x in test if x != "en"}
+    rows, curves = choice.alignment_rows(steerer, tok, test, cfg, acc)
+    state["mexa"] = curves
+    return rows
+
+
+def measure_experts(steerer, tok, fit, dev, test, cfg, state):
+    from .experts import experts_row
+    return {"experts": experts_row(steerer, tok, fit, test, cfg)}
+
+
+def measure_soft_mask(steerer, tok, fit, dev, test, cfg, state):
+    from .masks import soft_mask_row
+    from .. import heads as hd
+    tgt = cfg["target"]
+    scores = state.get("scores", {}).get(tgt)
+    if scores is None:
+        scores = hd.lahis_scores(steerer, tok, fit[tgt][:cfg["n_lahis"]], batch_size=8, max_length=cfg["max_length"])
+    return {"soft_mask": soft_mask_row(steerer, tok, fit, test, cfg, scores, tgt)}
+
+
+def settings(level="default", overrides=None) -> dict:
+    """The settings of a level (COMMON, then LEVELS[level], then overrides), checked."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    cfg = dict(COMMON, **LEVELS[level])
+    cfg.update(overrides or {}, level=level)
+    small = {k: cfg[k] for k in ("n_nll", "n_prompts", "n_choice", "n_offtarget") if 0 < cfg[k] < cfg["seeds"]}
+    if small:
+        raise ValueError(f"{small} must be >= seeds ({cfg['seeds']}): item i is measured under control seed i mod "
+                         "seeds, so fewer items would leave seeds unmeasured")
+    return cfg
+
+
+def _missing(key, cfg, why):
+    step, claim, paper = ROWS[key]
+    return claims.not_measured(claim.format(tgt=cfg["target"]), paper, why)
+
+
+def previous_rows(out):
+    """The rows of the reproduce.json in directory `out`, or None."""
+    path = os.path.join(os.fspath(out), "reproduce.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("rows")
 
 
 def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=False, out=None, name="model",
-        steps=STEPS, seed=0, overrides=None, eval_fn=None, log=print) -> dict:
-    """Measure the claims and return {"rows", "settings", "seconds", "errors", ...}; with `out` also write the
-    report there. corpus: {lang: texts} (default: the embedded parallel corpus in `langs`); quick=True is
-    level="quick"; overrides: settings to change (e.g. {"n_fit": 16}); eval_fn(steerer, tok, fit, ev, cfg, state)
-    returns the steering rows (default: from analysis/evaluate.py when it is installed)."""
+        steps=STEPS, seed=0, overrides=None, log=print, previous=None) -> dict:
+    """Measure the claims; returns {"rows", "settings", "splits", "seconds", "errors", ...}; with `out` also
+    writes the report (previous: an earlier record's rows for its verdict changes, default the one in `out`).
+    corpus: {lang: parallel texts} (default: GNOME Help in the level's languages)."""
     import xlkernels
+    from .. import corpus as cp
     level = "quick" if quick else level
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    cfg = dict(LEVELS[level], random_mask=level == "full")
-    cfg.update(overrides or {})
-    if cfg["strengths"] == "quick":
-        cfg["strengths"] = QUICK_STRENGTHS
+    cfg = settings(level, overrides)
     bad = [s for s in steps if s not in STEPS]
     if bad:
         raise ValueError(f"steps {bad} unknown; choose from {', '.join(STEPS)}")
+    steps = [s for s in STEPS if s in steps and (not cfg.get("steps") or s in cfg["steps"])]
     if corpus is None:
-        from ..data import parallel_corpus
-        corpus = parallel_corpus(list(langs or cfg["langs"]))
-    elif langs is not None:
-        missing = [x for x in langs if x not in corpus]
-        if missing:
-            raise ValueError(f"langs {missing} are not in the corpus (has {', '.join(corpus)})")
-        corpus = {x: corpus[x] for x in langs}
-    if len(corpus) < 2:
-        raise ValueError(f"need at least 2 languages, got {list(corpus)}")
-    fit, ev = split(corpus, cfg["n_fit"], cfg["n_eval"])
+        corpus = cp.help_corpus(list(langs or cfg["langs"]))
+        source = f"GNOME Help ({cp.PACKAGE} {cp.VERSION}, {cp.LICENSE})"
+    else:
+        if langs is not None:
+            missing = [x for x in langs if x not in corpus]
+            if missing:
+                raise ValueError(f"langs {missing} are not in the corpus (has {', '.join(corpus)})")
+            corpus = {x: corpus[x] for x in langs}
+        source = "user corpus"
+    if len(corpus) < 2 or "en" not in corpus:
+        raise ValueError(f"need en and at least one more language, got {list(corpus)}")
+    if len({len(t) for t in corpus.values()}) != 1:
+        raise ValueError("reproduce needs a parallel corpus (the same number of aligned texts per language)")
+    fit, dev, test = cp.split(corpus, cfg["fractions"], seed)
+    n_test = len(test["en"])
+    if n_test < cfg["seeds"]:     # a small corpus: fewer control seeds, so the rows say they cannot hold
+        log(f"  only {n_test} test texts: {n_test} control seeds instead of {cfg['seeds']}")
+        cfg["seeds"] = max(1, n_test)
+    cfg["target"] = cfg["target"] if cfg["target"] in corpus else next(x for x in corpus if x != "en")
     steerer = model if hasattr(model, "record_neurons") else xlkernels.patch(model)
     steerer.reset()
-    state, rows, seconds, errors = {}, [], {}, []
-    jobs = {"neurons": lambda: measure_neurons(steerer, tokenizer, fit, ev, cfg, state),
-            "heads": lambda: measure_heads(steerer, tokenizer, fit, ev, cfg, state, seed),
-            "soft_mask": lambda: measure_soft_mask(steerer, tokenizer, fit, ev, cfg, state, seed=seed),
-            "mexa": lambda: measure_mexa(steerer, tokenizer, corpus, cfg, state),
-            "steering": lambda: measure_steering(steerer, tokenizer, fit, ev, cfg, state, eval_fn)}
+    random.seed(seed)
+    state, got, seconds, errors, why = {}, {}, {}, [], {}
+    jobs = {"neurons": measure_neurons, "heads": measure_heads, "soft_mask": measure_soft_mask,
+            "steering": measure_steering, "choice": measure_choice, "alignment": measure_alignment,
+            "experts": measure_experts}
     for step in steps:
         t0 = time.perf_counter()
         try:
-            new = jobs[step]()
-        except Exception as e:   # one failing claim must not lose the others: an error row, exit code 1
+            got.update(jobs[step](steerer, tokenizer, fit, dev, test, cfg, state))
+        except Exception as e:   # one failing step must not lose the others: its rows say so, exit code 1
             errors.append(f"{step}: {type(e).__name__}: {e}")
             traceback.print_exc(file=sys.stderr)
-            new = [claims.make_row(step, "", f"error: {type(e).__name__}: {e}", None, {})]
+            why[step] = f"the {step} step failed: {type(e).__name__}: {e}"
         finally:
             steerer.reset()
         seconds[step] = round(time.perf_counter() - t0, 1)
-        rows += new
         log(f"  {step}: {seconds[step]} s")
-    report = {"model": name, "level": level, "settings": {k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in cfg.items()},
-              "langs": list(corpus), "n_fit": {x: len(t) for x, t in fit.items()},
-              "n_eval": {x: len(t) for x, t in ev.items()}, "seed": seed, "rows": rows, "seconds": seconds,
-              "errors": errors, "plots_data": {k: state[k] for k in ("lape_counts", "mexa", "eval") if k in state}}
-    if out is not None:
-        write_report(report, out)
-    return report
-
-
-QUICK_STRENGTHS = {"shift": (4.0, 16.0), "itlc": (1.0, 4.0), "incline": (0.3, 1.0), "forcing": (1.0, 2.0),
-                   "gate": (1.0, 2.0), "neurons": (None,)}
-
-
-def steering_eval(steerer, tok, fit, ev, cfg, state):
-    """Fit one plan per method on the fit texts (evaluate.fit_plans), steer held-out English prompts toward
-    the target (de, else the first other language) over a strength sweep (evaluate.evaluate), and make one
-    row per method from its best setting."""
-    from ..evaluation import evaluate as E
-    if "en" not in fit or not is_parallel(fit):
-        return [claims.make_row("Steering", "", "undecided: needs a parallel corpus with en", None, {})]
-    target = cfg.get("steer_target") or ("de" if "de" in fit else next(x for x in fit if x != "en"))
-    plans, empty = {}, []
-    for name, plan in E.fit_plans(steerer, tok, fit, "en", target, max_length=cfg["max_length"]).items():
-        try:
-            E.method_of(plan)
-            plans[name] = plan
-        except ValueError:   # e.g. no English LAPE neuron to switch off
-            empty.append(name)
-    prompts = ev["en"][:cfg["steer_prompts"]]
-    res = E.evaluate(steerer, tok, plans, prompts, source="en", target=target, strengths=cfg["strengths"],
-                     max_new_tokens=cfg["steer_new_tokens"])
-    state["eval"] = res
-    base = next(r for r in res["rows"] if r["plan"] == "unsteered")
     rows = []
-    for name in plans:
-        pts = [{"setting": "-" if r["strength"] is None else f"{E.STRENGTH_NAME[r['method']]} {r['strength']:g}",
-                "target_rate": r["target_rate"], "source_rate": r["source_rate"], "nll": r["nll"],
-                "repetition": r["repetition"], "example": r["generations"][0]}
-               for r in res["rows"] if r["plan"] == name]
-        row = claims.steering(f"{name} ({E.method_of(plans[name])}), en -> {target}", pts,
-                              {"target_rate": base["target_rate"], "nll": base["nll"]})
-        rows.append(row)
-    return rows + [claims.make_row(f"Steering: {name}, en -> {target}", "steering switches the output language "
-                                   "to the target (method's paper)", "undecided: the fit found nothing to steer "
-                                   "with (empty plan)", None, {"method": name}) for name in empty]
-
-
-def measure_steering(steerer, tok, fit, ev, cfg, state, eval_fn=None):
-    if eval_fn is None:
-        try:
-            from ..evaluation import evaluate# noqa: F401 (analysis/evaluate.py, issue 12 part 2)
-        except ImportError:
-            return [claims.make_row("Steering", "steering switches the output language to the target",
-                                    "not measured: analysis/evaluate.py is not available", None, {})]
-        eval_fn = steering_eval
-    return eval_fn(steerer, tok, fit, ev, cfg, state)
+    for key, (step, _, _) in ROWS.items():
+        if key in got:
+            row = got[key]
+        elif step in why:
+            row = _missing(key, cfg, why[step])
+        elif step not in steps:
+            row = _missing(key, cfg, f"not run at level {level}: needs the {step} step (`xlkernels reproduce`)"
+                           if cfg.get("steps") and step not in cfg["steps"] else f"the {step} step was skipped")
+        else:
+            row = _missing(key, cfg, f"not measured at level {level} (see its settings)")
+        rows.append(dict(row, key=key))
+    report = {"model": name, "level": level, "corpus": source,
+              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+              "langs": list(corpus), "splits": cp.describe((fit, dev, test)), "seed": seed, "rows": rows,
+              "seconds": seconds, "errors": errors,
+              "plots_data": {k: state[k] for k in ("lape_counts", "mexa") if k in state}}
+    if out is not None:
+        write_report(report, out, previous)
+    return report

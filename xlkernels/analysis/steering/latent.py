@@ -91,13 +91,13 @@ def _last_positions(state, B, T, device):
     return T - 1 - torch.argmax(torch.flip(m.to(torch.int8), dims=[-1]), dim=-1)
 
 
-def _set_last_hook(state, value):
+def _set_last_hook(state, value, positions=None):
     def hook(module, args, output):
         if not state.prefill:
             return None
         h, rest = _split(output)
         B, T = h.shape[:2]
-        pos = _last_positions(state, B, T, h.device)
+        pos = _last_positions(state, B, T, h.device) if positions is None else positions.to(h.device)
         v = value.to(h.dtype)
         v = v.expand(B, -1) if v.dim() == 1 else v
         h = h.index_put((torch.arange(B, device=h.device), pos), v)
@@ -106,7 +106,7 @@ def _set_last_hook(state, value):
 
 
 @contextlib.contextmanager
-def inject(model, add=None, set_last=None, strategy="prompt_and_gen", site="block"):
+def inject(model, add=None, set_last=None, strategy="prompt_and_gen", site="block", positions=None):
     """Steer the residual stream inside the `with` block; hooks are removed on exit.
 
     add: {layer: shift (D,) or (B, D)}: h <- h + shift at the output of decoder layer `layer`
@@ -115,6 +115,8 @@ def inject(model, add=None, set_last=None, strategy="prompt_and_gen", site="bloc
         KV cache), "prompt_and_gen" both (ITLC's default).
     set_last: {layer: value (D,) or (B, D)}: overwrite the output at the last real prompt token, at
         prefill only (INCLINE). Later decode steps see it through the KV cache.
+    positions: (B,) long: the positions set_last overwrites instead of the last real token (e.g. the
+        last prompt token of a prompt + continuation scored in one forward).
     A plain forward without a cache counts as a prefill.
     """
     if strategy not in STRATEGIES:
@@ -138,7 +140,8 @@ def inject(model, add=None, set_last=None, strategy="prompt_and_gen", site="bloc
             handles.append(_module(model, layer, site).register_forward_hook(
                 _add_hook(state, v.to(dev), strategy)))
         for layer, v in set_last.items():
-            handles.append(_module(model, layer, site).register_forward_hook(_set_last_hook(state, v.to(dev))))
+            handles.append(_module(model, layer, site).register_forward_hook(
+                _set_last_hook(state, v.to(dev), positions)))
         yield state
     finally:
         for h in handles:
