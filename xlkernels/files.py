@@ -1,6 +1,7 @@
 """Files users hand to xlkernels: one error type naming the file, checked readers, and writes that never
 leave a truncated file behind (temp file in the same directory, then rename)."""
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -61,6 +62,18 @@ def read_json(path):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise FileError(path, f"not valid JSON ({e.msg})", line=e.lineno) from None
+
+
+def read_jsonl(path, text=None):
+    """(line number, object) for each non-blank line of a JSONL file (or of `text` read from it); FileError at
+    the first line that is not JSON."""
+    for i, line in enumerate(io.StringIO(read_text(path) if text is None else text, newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileError(path, f"not valid JSON ({e.msg})", line=i) from None
 
 
 def read_safetensors(path, keys=None):

@@ -11,7 +11,6 @@ import functools
 import gettext
 import html
 import io
-import json
 import os
 import re
 
@@ -186,19 +185,13 @@ def load_texts(path, lang=None):
     Raises xlkernels.files.FileError (a ValueError; MissingFileError is also a FileNotFoundError) naming
     the file, and the line where it applies: missing, binary, not UTF-8, bad JSON, empty, language absent.
     """
-    from xlkernels.files import FileError, read_text
+    from xlkernels.files import FileError, read_jsonl, read_text
     path = os.fspath(path)
     lower = path.lower()
     rows = []   # (lang or None, text)
     with io.StringIO(read_text(path), newline=None) as f:
         if lower.endswith((".jsonl", ".json")):
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FileError(path, f"not valid JSON ({e.msg})", line=i) from None
+            for i, obj in read_jsonl(path, f.getvalue()):
                 if isinstance(obj, str):
                     rows.append((None, obj))
                 elif isinstance(obj, dict) and isinstance(obj.get("text"), str) \

@@ -1,5 +1,4 @@
 """`xlkernels heads`: LAHIS language attention head importance, language-specific and -general heads."""
-import io
 import json
 import os
 import sys
@@ -84,16 +83,10 @@ def _check(args):
 
 def read_pairs(path):
     """[(prompt, answer)] from a JSONL file of {"prompt": ..., "answer": ...} objects; FileError if not."""
-    from xlkernels.files import FileError, read_text
+    from xlkernels.files import FileError, read_jsonl
     path = os.path.expanduser(path)
     pairs = []
-    for i, line in enumerate(io.StringIO(read_text(path), newline=None), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FileError(path, f"not JSON ({e.msg})", line=i) from None
+    for i, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
                 or not isinstance(row.get("answer"), str) or not row["answer"]:
             raise FileError(path, "need {\"prompt\": str, \"answer\": non-empty str}", line=i)
