@@ -114,6 +114,8 @@ def test_every_level_is_valid():
     for level in rp.LEVELS:
         cfg = rp.settings(level)
         assert cfg["seeds"] >= 10 and cfg["level"] == level
+    default = rp.settings("default")
+    assert default["n_prompts"] >= 64 and default["n_choice"] >= 64   # issue 18: at least 64 prompts
 
 
 def test_bad_settings_name_the_argument():

@@ -26,9 +26,9 @@ LEVELS = {
     "quick": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=24, n_lahis=12,
                   lahis_heads=3, max_length=64, new_tokens=12, n_prompts=24, n_offtarget=10, n_choice=24,
                   choice_langs=("de",), n_experts=24, mask_train=8, mask_seeds=3, steps=None),
-    # default is sized to finish in 1-2 hours of CPU on 2 cores (README): 48 test paragraphs per language
+    # default: the recorded run; 64 steering prompts and choice items (issue 18: >= 64), 48 NLL paragraphs
     "default": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=10, n_nll=48, n_lahis=16,
-                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=48, n_offtarget=16, n_choice=48,
+                    lahis_heads=3, max_length=96, new_tokens=16, n_prompts=64, n_offtarget=16, n_choice=64,
                     choice_langs=("de", "ja"), n_experts=48, mask_train=16, mask_seeds=10, steps=None),
     "full": dict(langs=("en", "de", "fr", "es", "ru", "zh_Hans", "ja"), seeds=20, n_nll=111, n_lahis=48,
                  lahis_heads=3, max_length=128, new_tokens=24, n_prompts=111, n_offtarget=32, n_choice=111,
