@@ -53,6 +53,7 @@ def reference_nll(model, tok, prompts, gens):
 def test_planted_token_gives_expected_rates(monkeypatch):
     model, tok, st, plan, t = planted()
     monkeypatch.setattr(ev.langid, "detect", fake_detect)
+    monkeypatch.setattr(ev.langid, "degenerate", lambda text: False)   # the stub's 'xxxxxx' stands for German
     res = ev.evaluate(model, tok, {"force_x": plan}, PROMPTS, source="en", target="de",
                       strengths=[0.0, 1000.0], max_new_tokens=6, batch_size=2)
     rows = {(r["plan"], r["strength"]): r for r in res["rows"]}
@@ -83,9 +84,17 @@ def test_planted_token_gives_expected_rates(monkeypatch):
     assert ev.best(res, max_nll_delta=0.01)["force_x"] is off
 
 
+def test_degenerate_generations_never_count_as_a_language():
+    texts = ["Die Sonne scheint heute über der Stadt.", ". Die 1.000.0000000", "-A-Wochen-Wochen-Wochen-W",
+             "Wochen Wochen Wochen Wochen", "The weather is nice and warm today."]
+    counts = ev.language_counts(texts, ["en", "de"])
+    assert counts == {"de": 1, "degenerate": 3, "en": 1}
+
+
 def test_prompt_only_and_generated_only(monkeypatch):
     model, tok, st, plan, t = planted()
     monkeypatch.setattr(ev.langid, "detect", fake_detect)
+    monkeypatch.setattr(ev.langid, "degenerate", lambda text: False)   # the stub's 'xxxxxx' stands for German
     x = tok.decode([t])
     kw = dict(source="en", target="de", strengths=[1000.0], max_new_tokens=5, batch_size=5)
     base = ev.evaluate(model, tok, {}, PROMPTS, **kw)["rows"][0]["generations"]
@@ -183,6 +192,7 @@ def test_bad_input():
 def test_report_files(tmp_path, monkeypatch):
     model, tok, st, plan, _ = planted()
     monkeypatch.setattr(ev.langid, "detect", fake_detect)
+    monkeypatch.setattr(ev.langid, "degenerate", lambda text: False)   # the stub's 'xxxxxx' stands for German
     res = ev.evaluate(model, tok, {"force_x": plan}, PROMPTS[:2], source="en", target="de",
                       strengths=[0.0, 10.0, 1000.0], max_new_tokens=3)
     paths = ev.save(res, tmp_path / "e")

@@ -40,6 +40,22 @@ def test_bootstrap_covers_the_mean_and_is_seeded():
     assert I.mean_ci(torch.full((5,), 2.0)) == (2.0, 2.0, 2.0)
 
 
+def test_cluster_bootstrap_widens_for_copies():
+    # 3 languages that copy one paragraph's outcome: 3x the items but the information of 100; the cluster
+    # interval must match the 100-item one, the naive one is sqrt(3) narrower
+    x = torch.randn(100, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pooled = x.repeat(3)
+    one = I.mean_ci(x)
+    cl = I.bootstrap(lambda i: pooled[i].mean(), 300, clusters=I.parallel_clusters(3, 100))
+    naive = I.mean_ci(pooled)
+    assert cl[0] == pytest.approx(one[0])
+    assert (cl[2] - cl[1]) == pytest.approx(one[2] - one[1], rel=0.15)
+    assert (naive[2] - naive[1]) < 0.7 * (cl[2] - cl[1])
+    assert I.parallel_clusters(2, 3).tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="clusters"):
+        I.bootstrap(lambda i: 0.0, 4, clusters=[0, 1])
+
+
 def test_fisher_and_pearson():
     assert I.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     lo, hi = I.fisher_ci(0.5, 28)              # z = 0.549 +- 1.96 / 5
@@ -144,6 +160,9 @@ def test_degenerate_output_is_never_a_success():
     m = langid.mixed_rates(["Die Einstellungen werden sofort gespeichert.\nThe settings are saved at once here."],
                            "de", ["en", "de"])
     assert m["lines"] == 2 and m["line"] == 0.5 and 0 < m["word"] < 1
+    loop = langid.mixed_rates(["Die Einstellungen werden sofort gespeichert.\nWochen Wochen Wochen Wochen"], "de",
+                              ["en", "de"])
+    assert loop["lines"] == 2 and loop["line"] == 0.5 and loop["degenerate"] == 1   # a loop line is a miss
 
 
 class _FakeCells(steer.Cells):
@@ -177,6 +196,7 @@ def test_strength_is_chosen_on_dev_not_on_test():
     assert row["details"]["setting"] == "strength 1" and row["details"]["k"] == round(0.6 * 64)
     assert C.choose_strength({1.0: (0.5, 0.2), 2.0: (0.9, 3.0), 4.0: (0.5, 0.1)}) == 1.0
     assert C.choose_strength({1.0: (0.5, 2.0)}) is None
+    assert C.choose_strength({1.0: (0.9, float("nan")), 2.0: (0.4, 0.5)}) == 2.0   # NaN cost: no output to score
 
 
 # ---------------------------------------------------------------------------------------------- choice, curves
@@ -221,7 +241,8 @@ def test_classes_split_half_against_chance():
     assert C.classes("c", "p", {}, a, other, 10000)["holds"] is None     # 0 of 20-40 cannot rule out 0.4% chance
     assert C.classes("c", "p", {}, a, other, 150)["holds"] is False      # ... but can rule out 20-27%
     empty = dict(a, general=set())
-    assert C.classes("c", "p", {}, empty, empty, 10000)["holds"] is False
+    none = C.classes("c", "p", {}, empty, empty, 10000)     # absent everywhere: undecided, never "does not hold"
+    assert none["holds"] is None and "needs more fit text" in none["note"]
     few = C.classes("c", "p", {"general": [0, 0, 30]}, empty, a, 10000)      # in the full fit texts, not in half A
     assert few["holds"] is None and "needs more fit text" in few["note"]
 

@@ -147,6 +147,15 @@ def _strength_list(strengths, name, plan, m):
     return [float(v) for v in s]
 
 
+def language_counts(texts, lid_langs=None) -> dict:
+    """{label: count} of generations by langid.label: a degenerate output (too few distinct words, a loop) is
+    counted as "degenerate", never as a language."""
+    counts = {}
+    for c in langid.label(texts, langs=lid_langs):
+        counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
 def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str, strengths=None,
              max_new_tokens: int = 24, batch_size: int = 16, lid_langs=None, baseline: bool = True,
              steer_tokens: str = "all", progress: bool = False) -> dict:
@@ -205,15 +214,13 @@ def evaluate(model, tokenizer, plans: dict, prompts, *, source: str, target: str
         with steerer.unsteered():
             nll_sum, n_tok = generated_nll(hf, tokenizer, prompts, gen, batch_size)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
-        codes = langid.detect(texts, langs=lid_langs)
-        counts = {}
-        for c in codes:
-            counts[c] = counts.get(c, 0) + 1
-        n = len(codes)
+        counts = language_counts(texts, lid_langs)
+        n = len(texts)
         new = sum(len(g) for g in gen)
         rows.append({"plan": name, "method": m, "strength": s,
                      "target_rate": counts.get(lid_tgt, 0) / n, "source_rate": counts.get(lid_src, 0) / n,
                      "unknown_rate": counts.get(langid.UNKNOWN, 0) / n,
+                     "degenerate_rate": counts.get(langid.DEGENERATE, 0) / n,
                      "nll": nll_sum / n_tok if n_tok else float("nan"),
                      "repetition": repetition_rate(gen), "tokens_per_s": new / secs if secs > 0 else float("nan"),
                      "new_tokens": new, "seconds": secs, "languages": dict(sorted(counts.items())),

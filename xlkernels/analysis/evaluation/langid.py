@@ -147,13 +147,14 @@ def label(texts, langs=None, min_confidence: float = MIN_CONFIDENCE) -> list:
 
 
 def mixed_rates(texts, target, langs=None) -> dict:
-    """Language confusion of generations: {"line": share of labelled lines (>= 3 distinct words) in the target,
-    "word": share of the words of labelled lines that sit in target lines, "lines": labelled lines}."""
-    lines = [ln for t in texts for ln in t.splitlines() if not degenerate(ln)]
+    """Language confusion of generations: {"line": share of non-blank lines labelled the target (a degenerate
+    line counts as a miss), "word": share of the words that sit in target lines, "lines": non-blank lines,
+    "degenerate": degenerate lines}."""
+    lines = [ln for t in texts for ln in t.splitlines() if ln.strip()]
     if not lines:
-        return {"line": float("nan"), "word": float("nan"), "lines": 0}
-    got = detect(lines, langs)
+        return {"line": float("nan"), "word": float("nan"), "lines": 0, "degenerate": 0}
+    got = label(lines, langs)
     n = [len(word_list(ln)) for ln in lines]
     hit = [g == target for g in got]
     return {"line": sum(hit) / len(lines), "word": sum(k for k, h in zip(n, hit) if h) / max(1, sum(n)),
-            "lines": len(lines)}
+            "lines": len(lines), "degenerate": got.count(DEGENERATE)}

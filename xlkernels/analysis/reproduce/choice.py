@@ -8,7 +8,7 @@ import torch
 
 from . import claims, tasks
 from .controls import random_like
-from .intervals import bootstrap
+from .intervals import bootstrap, parallel_clusters
 
 
 def _items(split, lang, seed=0):
@@ -124,7 +124,8 @@ def claim_rows(steerer, tok, fit, dev, test, cfg, langs=("de",)):
                              departures="text analog: forced choice between the true English translation and "
                              "another item's, by likelihood; heads by probe accuracy (ties by shift size), 5% per "
                              f"language; alpha chosen on dev; items pooled over {', '.join(langs)}",
-                             task=f" ({', '.join(langs)})")
+                             task=f" ({', '.join(langs)})",
+                             clusters=parallel_clusters(len(langs), ok.shape[1] // len(langs)))
     row["details"].update(dev_gain={str(v): g for v, g in gains.items()}, probe_saturated=sat, heads=heads)
     rows["claim_shift"] = row
     return rows
@@ -205,7 +206,8 @@ def incline_row(steerer, tok, fit, dev, test, cfg, langs=("de",)):
                              departures=f"block outputs (the paper's hidden-state variant); ridge chosen on dev "
                              f"({len(fit['en'])} fit pairs per language); none of {', '.join(langs)} is low-resource "
                              "for this model; task: forced-choice translation retrieval by likelihood; sigma chosen "
-                             "on dev", task=f" ({', '.join(langs)})")
+                             "on dev", task=f" ({', '.join(langs)})",
+                             clusters=parallel_clusters(len(langs), ok.shape[1] // len(langs)))
     row["details"].update(dev_gain={str(v): g for v, g in gains.items()},
                           ridge={x: {"lambda": v[1], "dev_error": v[2]} for x, v in maps.items()})
     return row

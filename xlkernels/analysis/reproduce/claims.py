@@ -85,24 +85,28 @@ def ablation(claim, paper, base, off, rnd, langs, departures="", what="neurons")
 
 # ---------------------------------------------------------------------------------------------- steering
 def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_RATE, max_cost=MAX_COST,
-             setting="", departures="", what="output in the target language", extra=None, seeds=None) -> dict:
+             setting="", departures="", what="output in the target language", extra=None, seeds=None,
+             clusters=None) -> dict:
     """A steering method on test prompts. ok (n,) bool: success per prompt at the strength chosen on dev;
     ctrl (S, n) bool: the matched random control at the same strength; base_ok (n,) bool: unsteered;
     flu, flu_base (n,): per-output mean NLL under the target-language prompt (NaN: empty). Holds when the
     rate's Wilson lower bound >= min_rate (None: not required), the paired bootstrap lower bounds of
     rate - control and rate - unsteered are > 0, and the fluency cost's upper bound is <= max_cost (None: not
-    required). seeds: the draws behind ctrl when it is one round-robin row (controls.round_robin)."""
+    required). seeds: the draws behind ctrl when it is one round-robin row (controls.round_robin).
+    clusters: (n,) paragraph ids when prompts from one paragraph in several languages are pooled."""
     ok, base_ok = _t(ok), _t(base_ok)
     ctrl = _t(ctrl).reshape(-1, ok.numel())
     n, S = ok.numel(), seeds or ctrl.shape[0]
     k = int(ok.sum())
     rlo, rhi = wilson(k, n)
     cm = ctrl.mean(0)
-    gain = bootstrap(lambda i: float(torch.minimum((ok[i] - cm[i]).mean(), (ok[i] - base_ok[i]).mean())), n)
+    gain = bootstrap(lambda i: float(torch.minimum((ok[i] - cm[i]).mean(), (ok[i] - base_ok[i]).mean())), n,
+                     clusters=clusters)
     flu, flu_base = _t(flu), _t(flu_base)
     both = ~(flu.isnan() | flu_base.isnan())
     d = (flu - flu_base)[both]
-    cost = bootstrap(lambda i: float(d[i].mean()), len(d)) if len(d) else (math.nan, -math.inf, math.inf)
+    cost = bootstrap(lambda i: float(d[i].mean()), len(d), clusters=None if clusters is None else
+                     torch.as_tensor(clusters)[both]) if len(d) else (math.nan, -math.inf, math.inf)
     checks = [verdict(*gain, 0.0, n)]
     if min_rate is not None:
         checks.append(verdict(k / n, rlo, rhi, min_rate, n))
@@ -129,18 +133,24 @@ def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_R
                "setting": setting, "seeds": S, "min_rate": min_rate, "max_cost": max_cost, **(extra or {})}
     return make_row(claim, paper, measured, holds, note, departures=departures,
                     control=f"matched random units/direction, {S} seeds" + _rr(ctrl, S),
-                    interval=f"Wilson (rate), paired bootstrap over {n} prompts (gain, fluency)", details=details)
+                    interval=f"Wilson (rate), paired bootstrap over {n} prompts (gain, fluency)" + _cl(clusters),
+                    details=details)
+
+
+def _cl(clusters) -> str:
+    return "" if clusters is None else f", resampling {len(torch.as_tensor(clusters).unique())} paragraphs whole"
 
 
 def choose_strength(points: dict, max_cost: float = MAX_COST):
     """The strength picked on the dev split: {strength: (success rate, fluency cost)} -> the highest rate among
     strengths with cost <= max_cost (ties: the smaller strength); None when no strength qualifies."""
-    ok = [(r, -abs(s), s) for s, (r, c) in points.items() if not (c > max_cost)]
+    ok = [(r, -abs(s), s) for s, (r, c) in points.items() if c <= max_cost]    # a NaN cost never qualifies
     return max(ok)[2] if ok else None
 
 
 # ---------------------------------------------------------------------------------------------- choices
-def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="", task="", seeds=None) -> dict:
+def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="", task="", seeds=None,
+                clusters=None) -> dict:
     """A forced-choice task (one right, one wrong answer per item) with and without the intervention.
     base, steered (n,) bool correct (or a per-item score); ctrl (S, n) with the matched random intervention
     (one round-robin row when `seeds` is given). Statistic: min(steered - unsteered, steered - control),
@@ -150,13 +160,13 @@ def choice_gain(claim, paper, base, steered, ctrl, *, setting="", departures="",
     n, S = base.numel(), seeds or ctrl.shape[0]
     cm = ctrl.mean(0)
     est, lo, hi = bootstrap(lambda i: float(torch.minimum((steered[i] - base[i]).mean(),
-                                                          (steered[i] - cm[i]).mean())), n)
+                                                          (steered[i] - cm[i]).mean())), n, clusters=clusters)
     holds, note = _decide(est, lo, hi, 0.0, n, S)
     measured = (f"accuracy {float(base.mean()):.0%} -> {float(steered.mean()):.0%} at {setting} (random "
                 f"{float(cm.mean()):.0%}); gain over both {est:+.3f} [{lo:+.3f}, {hi:+.3f}] on {n} items{task}")
     return make_row(claim, paper, measured, holds, note, departures=departures,
                     control=f"random direction of the same norm at the same place, {S} seeds" + _rr(ctrl, S),
-                    interval=f"paired bootstrap over {n} items",
+                    interval=f"paired bootstrap over {n} items" + _cl(clusters),
                     details={"base": float(base.mean()), "steered": float(steered.mean()),
                              "control": float(cm.mean()), "gain": [est, lo, hi], "n": n, "seeds": S,
                              "setting": setting})
@@ -253,8 +263,8 @@ def classes(claim, paper, per_layer: dict, half_a: dict, half_b: dict, total: in
     finding. per_layer {class: (L,) counts}; half_a / half_b {class: set of (layer, neuron)} selected on two
     disjoint halves of the fit texts; total = number of neurons. For each class the share of half A's neurons
     also in half B gets a Wilson interval; chance is |B| / total. Holds when every class's lower bound clears
-    chance; does not hold when one class is empty in all the fit texts or its upper bound is below chance;
-    a class found in all the fit texts but not in half A is undecided (more text would decide it)."""
+    chance; does not hold when a class's upper bound is below chance; a class absent from half A (found in
+    all the fit texts or not) is undecided: more text would decide it."""
     rows, holds, notes = {}, True, []
     for c, a in half_a.items():
         b = half_b.get(c, set())
@@ -267,7 +277,9 @@ def classes(claim, paper, per_layer: dict, half_a: dict, half_b: dict, total: in
         found = float(_t(per_layer.get(c, [0])).sum())
         if n == 0 and found > 0:
             h, note = None, f"none in half A of the fit texts ({int(found)} in all of them): needs more fit text"
-        if (n == 0 and not found) or h is False:
+        elif n == 0:    # absent everywhere: more fit text (or another threshold) could still find some
+            h, note = None, "none in the fit texts: needs more fit text to decide"
+        if h is False:
             holds = False
         elif h is None and holds is not False:
             holds = None

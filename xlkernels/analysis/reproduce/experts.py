@@ -9,6 +9,7 @@ import torch
 
 from . import claims
 from .controls import random_neurons, round_robin
+from .intervals import parallel_clusters
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,8 @@ def experts_row(steerer, tok, fit, test, cfg):
         "paragraphs per language, mean over tokens; forced on other-language inputs at every position; "
         "retrieval = cosine nearest English neighbour of mean-pooled states, share of layers; which language's "
         "experts Sundar et al. force is not verified (here: English's)",
-        task=f" (x -> en retrieval over {', '.join(langs)})", seeds=cfg["seeds"])
+        task=f" (x -> en retrieval over {', '.join(langs)})", seeds=cfg["seeds"],
+        clusters=parallel_clusters(len(langs), m))
     row["details"].update(units_per_layer={int(l): len(v) for l, v in units.items()},
                           ap=[float(ap.min()), float(ap.max())])
     row["control"] = (f"random neurons in the same layers forced to their own English median, {cfg['seeds']} seeds "

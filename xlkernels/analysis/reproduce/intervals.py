@@ -27,13 +27,17 @@ def wilson(k: int, n: int, z: float = Z95):
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def bootstrap(stat, n: int, n_boot: int = N_BOOT, seed: int = 0, groups=None):
+def bootstrap(stat, n: int, n_boot: int = N_BOOT, seed: int = 0, groups=None, clusters=None):
     """Percentile 95% interval of stat(idx) over resamples of range(n) with replacement.
 
     stat(idx) -> float, idx a LongTensor of item ids. groups: optional (n,) ids; then resampling is done
-    within each group (e.g. per language), keeping group sizes. Returns (estimate, lo, hi)."""
+    within each group (e.g. per language), keeping group sizes. clusters: optional (n,) ids of items that are
+    not independent (one paragraph in several languages); then whole clusters are resampled. Returns
+    (estimate, lo, hi)."""
     if n < 1:
         raise ValueError("bootstrap needs at least one item")
+    if groups is not None and clusters is not None:
+        raise ValueError("bootstrap takes groups or clusters, not both")
     g = torch.Generator().manual_seed(seed)
     est = float(stat(torch.arange(n)))
     if groups is None:
@@ -41,13 +45,26 @@ def bootstrap(stat, n: int, n_boot: int = N_BOOT, seed: int = 0, groups=None):
     else:
         groups = torch.as_tensor(groups)
         parts = [(groups == v).nonzero().flatten() for v in groups.unique()]
+    if clusters is not None:
+        clusters = torch.as_tensor(clusters)
+        if clusters.shape != (n,):
+            raise ValueError(f"clusters must have shape ({n},), got {tuple(clusters.shape)}")
+        members = [(clusters == v).nonzero().flatten() for v in clusters.unique()]
     vals = []
     for _ in range(n_boot):
-        idx = torch.cat([p[torch.randint(len(p), (len(p),), generator=g)] for p in parts])
+        if clusters is not None:
+            idx = torch.cat([members[j] for j in torch.randint(len(members), (len(members),), generator=g)])
+        else:
+            idx = torch.cat([p[torch.randint(len(p), (len(p),), generator=g)] for p in parts])
         vals.append(float(stat(idx)))
     v = torch.tensor(vals, dtype=torch.float64)
     lo, hi = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return est, lo, hi
+
+
+def parallel_clusters(n_langs: int, m: int) -> torch.Tensor:
+    """Cluster ids of items pooled language by language, item i of each language from paragraph i."""
+    return torch.arange(m).repeat(n_langs)
 
 
 def mean_ci(x, n_boot: int = N_BOOT, seed: int = 0):

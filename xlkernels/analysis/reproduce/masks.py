@@ -66,7 +66,8 @@ def offtarget_row(steerer, tok, test, chosen, exclude, cfg):
                           setting=f"{len(chosen[langs[0]])} heads masked per language",
                           departures=f"{n} GNOME Help paragraph prompts per language ({', '.join(langs)}), "
                           f"{cfg['new_tokens']} greedy tokens, langid.py (the paper: XL-Sum, fastText, 80 tokens)",
-                          what="outputs identified as another language", extra={"examples": examples})
+                          what="outputs identified as another language", extra={"examples": examples},
+                          clusters=torch.cat([torch.arange(len(c)) for c in ctrl]))
     row["control"] = f"random heads in the same layers masked, {seeds} seeds (prompt i under seed i mod S)"
     return row
 

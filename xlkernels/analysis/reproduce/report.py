@@ -9,8 +9,8 @@ import sys
 # row key -> (the previous record's row it replaces, what changed in how it is measured since the issue-18 review)
 FAMILIES = {
     "lape_ablation": ("LAPE: language neurons are language-specific",
-                      "held-out GNOME Help paragraphs scored in packed windows (was 1-2 word Django strings after "
-                      "BOS); 10 seeds of random neurons matched per layer; bootstrap interval"),
+                      "held-out GNOME Help paragraphs, each scored after the preceding one as context (was 1-2 "
+                      "word Django strings after BOS); 10 seeds of random neurons matched per layer; bootstrap interval"),
     "neuron_classes": ("Neurons: specific, related and general classes",
                        "per-layer distribution and split-half stability against chance (was: the three classes are "
                        "non-empty)"),
