@@ -262,6 +262,18 @@ def test_chrf():
     assert 40 < a < 100
 
 
+def test_chrf_matches_sacrebleu():
+    import random
+
+    import sacrebleu   # pinned for this test (requirements.txt)
+    r = random.Random(torch.seed())
+    words = "die der das Sonne scheint über Stadt the sun shines over city 日本 語 です la ville 1.0 -".split()
+    for _ in range(200):
+        hyp = " ".join(r.choice(words) for _ in range(r.randint(0, 12)))
+        ref = " ".join(r.choice(words) for _ in range(r.randint(1, 12)))
+        assert tasks.chrf(hyp, ref) == pytest.approx(sacrebleu.sentence_chrf(hyp, [ref]).score, abs=1e-9), (hyp, ref)
+
+
 def test_retrieval_items_are_balanced():
     en = [f"sentence number {i} " + "x" * i for i in range(10)]
     p, t, w = tasks.retrieval_items([f"Satz {i}" for i in range(10)], en, "de")
