@@ -2,6 +2,7 @@
 every row of measure.ROWS comes out once, with a verdict, through `reproduce.run` and through the CLI. The
 level is shrunk through measure.LEVELS, so both runs take seconds."""
 import json
+import math
 import random
 
 import pytest
@@ -67,6 +68,8 @@ def test_run_end_to_end_writes_every_row(tmp_path, seed):
                                                                                          "lape_deactivation"}
     saved = json.loads((tmp_path / "reproduce.json").read_text())
     assert [r["key"] for r in saved["rows"]] == list(rp.ROWS)
+    lape = next(r for r in saved["rows"] if r["key"] == "lape_ablation")
+    assert set(lape["details"]["split_half_jaccard"]) == {"en", "de", "fr"} and "Jaccard" in lape["measured"]
     assert saved["splits"]["test"]["n"] + saved["splits"]["dev"]["n"] + saved["splits"]["fit"]["n"] == 30
     # a second record lists what changed against the first, row by row
     again = rp.run(model, tok, corpus=parallel_corpus(seed), level="demo", overrides=dict(TINY, n_offtarget=0),
@@ -108,6 +111,17 @@ def test_cli_end_to_end(tmp_path, seed, monkeypatch, capsys):
                      "--no-progress", "--skip", ",".join(rp.STEPS)]) == 0
     assert seen and [r["key"] for r in seen[0]] == [r["key"] for r in rows]
     assert json.loads((out / "reproduce.json").read_text())["rows"] != rows   # replaced: every row undecided now
+
+
+def test_split_half_jaccard():
+    class Sel:
+        def __init__(self, per_lang):
+            self.neurons = [[torch.tensor(ids.get(l, []), dtype=torch.long) for l in range(2)] for ids in per_lang]
+    a = Sel([{0: [1, 2, 3], 1: [4]}, {}])
+    b = Sel([{0: [2, 3], 1: [4, 5]}, {1: [7]}])
+    j = rp.split_half_jaccard([a, b], ["en", "de"], 2)
+    assert j["en"] == pytest.approx(3 / 5) and j["de"] == 0.0
+    assert math.isnan(rp.split_half_jaccard([a, a], ["en", "de"], 2)["de"])
 
 
 def test_every_level_is_valid():

@@ -130,6 +130,10 @@ def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
                           departures="GNOME Help fit paragraphs (not Wikipedia), BOS not counted; each test "
                           "paragraph's NLL scored after the preceding one as context", what="neurons")
     row["details"]["n_neurons"] = {x: int(lape.counts()[k].sum()) for k, x in enumerate(langs)}
+    jac = split_half_jaccard([N.lape(N.activation_probs(s)) for s in st], langs, L)
+    row["details"]["split_half_jaccard"] = jac
+    row["measured"] += ("; neurons selected on each half of the fit texts: Jaccard " +
+                        ", ".join(f"{x} {v:.2f}" for x, v in jac.items()))
     state["lape_counts"] = {x: c for x, c in zip(langs, lape.counts().tolist())}
     cls = [N.classify(N.activation_probs(s)) for s in st]
     cls_full = N.classify(p)
@@ -142,6 +146,15 @@ def measure_neurons(steerer, tok, fit, dev, test, cfg, state):
                                 departures="classes from each half of the fit texts; lambda chosen as in the "
                                 "release (auto)")}
     return rows
+
+
+def split_half_jaccard(selections, langs, L) -> dict:
+    """{lang: |A & B| / |A | B|} of the LAPE neurons selected on each half of the fit texts (NaN: none in both)."""
+    out = {}
+    for k, x in enumerate(langs):
+        a, b = ({(l, int(i)) for l in range(L) for i in sel.neurons[k][l].tolist()} for sel in selections)
+        out[x] = len(a & b) / len(a | b) if a | b else float("nan")
+    return out
 
 
 def _class_members(c, name):
