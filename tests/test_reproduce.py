@@ -216,8 +216,11 @@ def test_choice_gain_holds_fails_undecided():
     ctrl = torch.stack([base.clone() for _ in range(10)])
     assert C.choice_gain("c", "p", base, better, ctrl)["holds"] is True
     assert C.choice_gain("c", "p", base, base & _bern(0.5, n, 2), ctrl)["holds"] is False
-    row = C.choice_gain("c", "p", base[:10], base[:10], ctrl[:, :10])
-    assert row["holds"] in (None, False) and row["holds"] is not True
+    small = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    mixed = small.clone()
+    mixed[[1, 3]], mixed[0] = True, False          # +2 -1 on 12 items: a gain the data cannot confirm or rule out
+    row = C.choice_gain("c", "p", small, mixed, small[None].repeat(10, 1))
+    assert row["holds"] is None and row["note"]
 
 
 def test_middle_peak_and_correlation():
@@ -252,6 +255,9 @@ def test_above_shuffled():
     a = torch.rand(100, generator=g) * 0.1 + 0.5
     assert C.above_shuffled("a", "p", a, torch.rand(10, 100, generator=g) * 0.1)["holds"] is True
     assert C.above_shuffled("a", "p", a, a[None].repeat(10, 1) + 0.2)["holds"] is False
+    noisy = a[:12] + torch.randn(10, 12, generator=g)   # shuffled scores that straddle the real ones
+    row = C.above_shuffled("a", "p", a[:12], noisy - float((noisy.mean(0) - a[:12]).mean()) + 0.05)
+    assert row["holds"] is None and row["note"]
 
 
 # ---------------------------------------------------------------------------------------------- tasks
