@@ -6,8 +6,6 @@ number on test. With `out` it writes report.md, reproduce.json and plots (report
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import sys
 import time
@@ -17,7 +15,7 @@ import torch
 
 from . import claims, tasks
 from .controls import random_heads, random_neurons
-from .report import format_table, print_summary, write_report  # noqa: F401 (this module's API)
+from .report import format_table, previous_rows, print_summary, write_report  # noqa: F401 (this module's API)
 
 LEVELS = {
     # demo: `make demo` step 4 on the Django corpus (no generation rows); default: the recorded run
@@ -278,15 +276,6 @@ def settings(level="default", overrides=None) -> dict:
 def _missing(key, cfg, why):
     step, claim, paper = ROWS[key]
     return claims.not_measured(claim.format(tgt=cfg["target"]), paper, why)
-
-
-def previous_rows(out):
-    """The rows of the reproduce.json in directory `out`, or None."""
-    path = os.path.join(os.fspath(out), "reproduce.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("rows")
 
 
 def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=False, out=None, name="model",

@@ -105,14 +105,22 @@ def _plots(report, out) -> list:
     return [os.path.basename(p) for p in made]
 
 
+def previous_rows(out):
+    """The rows of the reproduce.json in directory `out`, or None."""
+    path = os.path.join(os.fspath(out), "reproduce.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("rows")
+
+
 def write_report(report: dict, out, previous=None) -> list:
     """report.md and reproduce.json in `out` (plus plots); previous: the rows of an earlier record (default:
     the reproduce.json found in `out`), for the verdict-change table. Returns the file names."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "reproduce.json")
-    if previous is None and os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f).get("rows")
+    if previous is None:
+        previous = previous_rows(out)
     plots = _plots(report, out)
     with open(path, "w") as f:
         json.dump({k: v for k, v in report.items() if k != "plots_data"}, f, indent=1, ensure_ascii=False)
