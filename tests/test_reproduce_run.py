@@ -68,6 +68,9 @@ def test_run_end_to_end_writes_every_row(tmp_path, seed):
                                                                                          "lape_deactivation"}
     saved = json.loads((tmp_path / "reproduce.json").read_text())
     assert [r["key"] for r in saved["rows"]] == list(rp.ROWS)
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
+    assert f"torch {torch.__version__}" in (tmp_path / "report.md").read_text()
     lape = next(r for r in saved["rows"] if r["key"] == "lape_ablation")
     assert set(lape["details"]["split_half_jaccard"]) == {"en", "de", "fr"} and "Jaccard" in lape["measured"]
     assert saved["splits"]["test"]["n"] + saved["splits"]["dev"]["n"] + saved["splits"]["fit"]["n"] == 30

@@ -15,7 +15,7 @@ import torch
 
 from . import claims, tasks
 from .controls import random_heads, random_neurons
-from .report import format_table, previous_rows, print_summary, write_report  # noqa: F401 (this module's API)
+from .report import environment, format_table, previous_rows, print_summary, write_report  # noqa: F401 (API)
 
 LEVELS = {
     # demo: `make demo` step 4 on the Django corpus (no generation rows); default: the recorded run
@@ -346,6 +346,7 @@ def run(model, tokenizer, *, corpus=None, langs=None, level="default", quick=Fal
               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
               "langs": list(corpus), "splits": cp.describe((fit, dev, test)), "seed": seed, "rows": rows,
               "seconds": seconds, "errors": errors,
+              "environment": environment(next(steerer.model.parameters()).device),
               "plots_data": {k: state[k] for k in ("lape_counts", "mexa") if k in state}}
     if out is not None:
         write_report(report, out, previous)

@@ -105,6 +105,41 @@ def _plots(report, out) -> list:
     return [os.path.basename(p) for p in made]
 
 
+def environment(device) -> dict:
+    """Versions, commit (when run from a git checkout), device, threads, load and date of a run."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+
+    import xlkernels
+    try:
+        src = os.path.dirname(os.path.dirname(os.path.abspath(xlkernels.__file__)))
+        commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"xlkernels": getattr(xlkernels, "__version__", None), "commit": commit, "dirty": dirty,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": str(device), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _env_line(report) -> str:
+    e = report.get("environment")
+    if not e:
+        return ""
+    return (f" Commit {e.get('commit')}{' (dirty)' if e.get('dirty') else ''}, torch {e.get('torch')}, "
+            f"transformers {e.get('transformers')}, {e.get('device')}, {e.get('torch_threads')} threads, "
+            f"{e.get('date')}.")
+
+
 def previous_rows(out):
     """The rows of the reproduce.json in directory `out`, or None."""
     path = os.path.join(os.fspath(out), "reproduce.json")
@@ -128,7 +163,7 @@ def write_report(report: dict, out, previous=None) -> list:
     lines = [f"# xlkernels reproduce: {report['model']}", "",
              f"Level `{report['level']}`; corpus {report.get('corpus', '?')}; languages {', '.join(report['langs'])}; "
              + "; ".join(f"{k} {v['n']} paragraphs (mean {v['mean_words']} words)" for k, v in sp.items())
-             + f"; seed {report['seed']}; {sum(report['seconds'].values()):.0f} s.", "",
+             + f"; seed {report['seed']}; {sum(report['seconds'].values()):.0f} s." + _env_line(report), "",
              "A row holds only when its 95% interval clears the criterion against a matched random control "
              "(>= 10 seeds); undecided rows say what would decide them. Strengths are chosen on dev, every "
              "number is on test.", "", format_table(report["rows"], markdown=True), "", "## Departures from the papers", ""]
