@@ -148,6 +148,14 @@ def test_steering_holds_fails_undecided():
     assert small["holds"] is None and small["details"]["wilson"][0] < 0.5
     low = C.steering("s", "p", _bern(0.1, n, 2), ctrl, torch.zeros(n, dtype=torch.bool), flu, flu)
     assert low["holds"] is False
+    # every rate has its interval: unsteered Wilson, control bootstrap over prompts
+    base = torch.zeros(n, dtype=torch.bool)
+    base[:20] = True
+    d = C.steering("s", "p", _bern(0.9, n, 1), ctrl, base, flu, flu)["details"]
+    assert d["unsteered_wilson"] == pytest.approx(list(I.wilson(20, n)))
+    cm = ctrl.double().mean(0)
+    assert d["control_ci"][0] == pytest.approx(float(cm.mean()))
+    assert d["control_ci"][1] < float(cm.mean()) < d["control_ci"][2]
 
 
 def test_degenerate_output_is_never_a_success():

@@ -123,13 +123,17 @@ def steering(claim, paper, ok, ctrl, base_ok, flu, flu_base, *, min_rate=STEER_R
         holds = None
         note = "; ".join(x for h, x in checks if h is None and x) or (
             f"fluency cost interval reaches {cost[2]:+.2f} > {max_cost:g} nats" if len(d) else "no output to score")
+    ctl = bootstrap(lambda i: float(cm[i].mean()), n, clusters=clusters)   # per-prompt control rate
+    kb = int(base_ok.sum())
+    blo, bhi = wilson(kb, n)
     measured = (f"{k}/{n} = {k / n:.0%} [{rlo:.0%}, {rhi:.0%}] {what} at {setting} (random control "
-                f"{float(cm.mean()):.0%}, unsteered {float(base_ok.mean()):.0%}); gain over both {gain[0]:+.2f} "
-                f"[{gain[1]:+.2f}, {gain[2]:+.2f}]")
+                f"{ctl[0]:.0%} [{ctl[1]:.0%}, {ctl[2]:.0%}], unsteered {kb / n:.0%} [{blo:.0%}, {bhi:.0%}]); gain "
+                f"over both {gain[0]:+.2f} [{gain[1]:+.2f}, {gain[2]:+.2f}]")
     if max_cost is not None:
         measured += f"; fluency cost {cost[0]:+.2f} [{cost[1]:+.2f}, {cost[2]:+.2f}] nats"
     details = {"n": n, "k": k, "rate": k / n, "wilson": [rlo, rhi], "control_rate": float(cm.mean()),
-               "unsteered_rate": float(base_ok.mean()), "gain": list(gain), "fluency_cost": list(cost),
+               "control_ci": list(ctl), "unsteered_rate": kb / n, "unsteered_wilson": [blo, bhi], "gain": list(gain),
+               "fluency_cost": list(cost),
                "setting": setting, "seeds": S, "min_rate": min_rate, "max_cost": max_cost, **(extra or {})}
     return make_row(claim, paper, measured, holds, note, departures=departures,
                     control=f"matched random units/direction, {S} seeds" + _rr(ctrl, S),

@@ -193,10 +193,13 @@ def itlc_row(steerer, tok, itlc, dev, test, cfg, target="de", refs=None):
         n = len(refs)
         match = torch.tensor([tasks.chrf(h, x) for h, x in zip(r["texts"], refs)])
         miss = torch.tensor([tasks.chrf(h, refs[(i + n // 2) % n]) for i, h in enumerate(r["texts"])])
-        from .intervals import bootstrap
+        from .intervals import bootstrap, wilson
         d = bootstrap(lambda i: float((match[i] - miss[i]).mean()), n)
+        conf = langid.mixed_rates(r["texts"], target, test.langs)
+        conf["line_wilson"] = (list(wilson(round(conf["line"] * conf["lines"]), conf["lines"])) if conf["lines"]
+                               else None)
         return {"chrf": float(match.mean()), "chrf_mismatched": float(miss.mean()), "chrf_gain": list(d),
-                "confusion": langid.mixed_rates(r["texts"], target, test.langs)}
+                "confusion": conf}
 
     ok_t = lambda lab: tasks.success(lab, target)   # noqa: E731
     dec = GREEDY + " (the paper samples)" if not test.sample else "sampling as the paper: " + ", ".join(
@@ -214,7 +217,10 @@ def itlc_row(steerer, tok, itlc, dev, test, cfg, target="de", refs=None):
         g = d["chrf_gain"]
         c = d["confusion"]
         row["measured"] += (f"; chrF {d['chrf']:.1f} vs mismatched {d['chrf_mismatched']:.1f} (gain {g[0]:+.1f} "
-                            f"[{g[1]:+.1f}, {g[2]:+.1f}]); target lines {c['line']:.0%}, words {c['word']:.0%}")
+                            f"[{g[1]:+.1f}, {g[2]:+.1f}]); target lines {c['line']:.0%}"
+                            + (f" [{c['line_wilson'][0]:.0%}, {c['line_wilson'][1]:.0%}]"
+                               if c.get("line_wilson") else "")
+                            + f" of {c['lines']}, words {c['word']:.0%}")
         if row["holds"] and g[1] <= 0:
             row["holds"], row["note"] = None, "the meaning test (chrF gain) is not yet above 0"
     return row
