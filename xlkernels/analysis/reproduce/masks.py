@@ -8,6 +8,7 @@ import torch
 
 from . import claims, tasks
 from .controls import random_heads, round_robin
+from .intervals import parallel_clusters
 from ..evaluation import langid
 
 LIU = "Liu et al. 2025 (LAHIS)"
@@ -67,7 +68,7 @@ def offtarget_row(steerer, tok, test, chosen, exclude, cfg):
                           departures=f"{n} GNOME Help paragraph prompts per language ({', '.join(langs)}), "
                           f"{cfg['new_tokens']} greedy tokens, langid.py (the paper: XL-Sum, fastText, 80 tokens)",
                           what="outputs identified as another language", extra={"examples": examples},
-                          clusters=torch.cat([torch.arange(len(c)) for c in ctrl]))
+                          clusters=parallel_clusters(len(langs), m))
     row["control"] = f"random heads in the same layers masked, {seeds} seeds (prompt i under seed i mod S)"
     return row
 
